@@ -1,0 +1,344 @@
+//! Loading `tollgate.yaml`: read → index positions → expand secrets → parse each section and
+//! each route/upstream on its own → check what one section can check alone.
+//!
+//! Loading is a pure function of the file (and the environment for `${env:..}`): it never touches
+//! running state. Errors are collected, located (`file:line:col: path: message`) and returned
+//! together. Cross-references between sections (a route naming an unknown upstream) and anything
+//! that needs compiling (regexes) are checked by `snapshot::compile`, which reports through the
+//! same [`SourceMap`].
+
+pub mod error;
+pub mod schema;
+mod secrets;
+pub mod source;
+pub mod units;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde_yaml::Value;
+
+pub use error::{ConfigError, FieldError};
+pub use schema::*;
+pub use source::SourceMap;
+
+/// Top-level sections, in the order the reference documents them.
+const SECTIONS: &[&str] = &[
+    "listeners",
+    "admin",
+    "server",
+    "http",
+    "access_log",
+    "reload",
+    "upstreams",
+    "routes",
+];
+
+/// A parsed config and the position index of the file it came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub source: SourceMap,
+}
+
+impl Loaded {
+    /// Locates compile-stage errors in this file.
+    pub fn locate(&self, errors: &[FieldError]) -> Vec<ConfigError> {
+        errors.iter().map(|e| self.source.locate(e)).collect()
+    }
+}
+
+/// Reads and parses the config file at `path`.
+pub fn load(path: &Path) -> Result<Loaded, Vec<ConfigError>> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![ConfigError {
+            file: file.clone(),
+            line: 0,
+            column: 0,
+            path: String::new(),
+            message: format!("cannot read the file: {e}"),
+        }]
+    })?;
+    load_str(&file, &text)
+}
+
+/// Parses config text; `file` is only used to name the file in errors.
+pub fn load_str(file: &str, text: &str) -> Result<Loaded, Vec<ConfigError>> {
+    let source = SourceMap::build(file, text).map_err(|e| vec![e])?;
+    let mut errors = Vec::new();
+    let config = parse(text, &mut errors);
+    let located: Vec<ConfigError> = errors
+        .iter()
+        .map(|e: &Located| match e {
+            Located::Value(fe) => source.locate(fe),
+            Located::Key(fe) => {
+                let mut ce = source.locate(fe);
+                if let Some(pos) = source.find_key(&fe.path) {
+                    ce.line = pos.line;
+                    ce.column = pos.column;
+                }
+                ce
+            }
+        })
+        .collect();
+    if located.is_empty() {
+        Ok(Loaded { config, source })
+    } else {
+        Err(located)
+    }
+}
+
+/// An error and whether it should point at the key (unknown field) or at the value.
+enum Located {
+    Value(FieldError),
+    Key(FieldError),
+}
+
+fn parse(text: &str, errors: &mut Vec<Located>) -> Config {
+    let mut config = Config::default();
+    let mut root: Value = match serde_yaml::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            // The event parser accepted the syntax, so this is about structure (e.g. duplicate keys).
+            errors.push(Located::Value(FieldError::new("", e.to_string())));
+            return config;
+        }
+    };
+    if root.is_null() {
+        errors.push(Located::Value(FieldError::new(
+            "",
+            "the file is empty; expected at least `listeners` and `routes`",
+        )));
+        return config;
+    }
+    let mut secret_errors = Vec::new();
+    secrets::expand(&mut root, "", &mut secret_errors);
+    errors.extend(secret_errors.into_iter().map(Located::Value));
+
+    let Value::Mapping(map) = root else {
+        errors.push(Located::Value(FieldError::new(
+            "",
+            "expected a mapping of sections (listeners, upstreams, routes, ...)",
+        )));
+        return config;
+    };
+
+    for (key, value) in map {
+        let Some(name) = key.as_str() else {
+            errors.push(Located::Value(FieldError::new("", "section names must be strings")));
+            continue;
+        };
+        match name {
+            "listeners" => section(name, value, &mut config.listeners, errors),
+            "admin" => section(name, value, &mut config.admin, errors),
+            "server" => section(name, value, &mut config.server, errors),
+            "http" => section(name, value, &mut config.http, errors),
+            "access_log" => section(name, value, &mut config.access_log, errors),
+            "reload" => section(name, value, &mut config.reload, errors),
+            "upstreams" => config.upstreams = upstreams(value, errors),
+            "routes" => config.routes = routes(value, errors),
+            other => errors.push(Located::Key(FieldError::new(
+                other,
+                format!("unknown section `{other}`; expected one of {}", SECTIONS.join(", ")),
+            ))),
+        }
+    }
+    check_process_settings(&config, errors);
+    config
+}
+
+/// Deserializes one value, turning a serde error into a located error under `path`.
+fn item<T: DeserializeOwned>(path: &str, value: Value) -> Result<T, Located> {
+    serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
+        let inner = e.path().to_string();
+        let message = e.inner().to_string();
+        // serde_yaml appends " at line N column M" relative to the sub-document; drop it.
+        let message = match message.find(" at line ") {
+            Some(i) => message[..i].to_string(),
+            None => message,
+        };
+        let full = if inner == "." || inner.is_empty() {
+            path.to_string()
+        } else if inner.starts_with('[') {
+            format!("{path}{inner}")
+        } else {
+            error::join(path, &inner)
+        };
+        if message.starts_with("unknown field") {
+            Located::Key(FieldError::new(full, message))
+        } else {
+            Located::Value(FieldError::new(full, message))
+        }
+    })
+}
+
+fn section<T: DeserializeOwned>(path: &str, value: Value, out: &mut T, errors: &mut Vec<Located>) {
+    match item(path, value) {
+        Ok(v) => *out = v,
+        Err(e) => errors.push(e),
+    }
+}
+
+fn upstreams(value: Value, errors: &mut Vec<Located>) -> BTreeMap<String, Upstream> {
+    let mut out = BTreeMap::new();
+    let Value::Mapping(map) = value else {
+        if !value.is_null() {
+            errors.push(Located::Value(FieldError::new(
+                "upstreams",
+                "expected a mapping of upstream names to upstreams",
+            )));
+        }
+        return out;
+    };
+    for (key, v) in map {
+        let Some(name) = key.as_str().map(str::to_string) else {
+            errors.push(Located::Value(FieldError::new("upstreams", "upstream names must be strings")));
+            continue;
+        };
+        match item::<Upstream>(&error::join("upstreams", &name), v) {
+            Ok(u) => {
+                out.insert(name, u);
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    out
+}
+
+fn routes(value: Value, errors: &mut Vec<Located>) -> Vec<Route> {
+    let Value::Sequence(list) = value else {
+        if !value.is_null() {
+            errors.push(Located::Value(FieldError::new("routes", "expected a list of routes")));
+        }
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for (i, v) in list.into_iter().enumerate() {
+        match item::<Route>(&error::index("routes", i), v) {
+            Ok(r) => out.push(r),
+            Err(e) => errors.push(e),
+        }
+    }
+    out
+}
+
+/// Checks of the settings Pingora takes at start (listeners, admin, server).
+fn check_process_settings(config: &Config, errors: &mut Vec<Located>) {
+    let mut err = |path: String, msg: String| errors.push(Located::Value(FieldError::new(path, msg)));
+    if config.listeners.is_empty() {
+        err(
+            "listeners".into(),
+            "at least one listener is needed, e.g. `- { name: web, address: \"0.0.0.0:8080\" }`".into(),
+        );
+    }
+    let mut names = HashSet::new();
+    let mut addresses = HashSet::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        let path = error::index("listeners", i);
+        if !names.insert(l.name.as_str()) {
+            err(error::join(&path, "name"), format!("duplicate listener name `{}`", l.name));
+        }
+        match l.address.parse::<SocketAddr>() {
+            Ok(a) => {
+                if !addresses.insert(a) {
+                    err(error::join(&path, "address"), format!("address {a} is used twice"));
+                }
+            }
+            Err(_) => err(
+                error::join(&path, "address"),
+                format!("`{}` is not an IP:port address, e.g. 0.0.0.0:8080 or [::]:8080", l.address),
+            ),
+        }
+    }
+    match config.admin.address.parse::<SocketAddr>() {
+        Ok(a) if addresses.contains(&a) => err(
+            "admin.address".into(),
+            format!("{a} is also a listener; the admin listener needs its own address"),
+        ),
+        Ok(_) => {}
+        Err(_) => err(
+            "admin.address".into(),
+            format!("`{}` is not an IP:port address, e.g. 127.0.0.1:9090", config.admin.address),
+        ),
+    }
+    if config.server.threads == 0 {
+        err("server.threads".into(), "must be at least 1".into());
+    }
+    if config.http.max_headers == 0 || config.http.max_headers > crate::edge::MAX_HEADERS_CAP {
+        err(
+            "http.max_headers".into(),
+            format!("must be between 1 and {}", crate::edge::MAX_HEADERS_CAP),
+        );
+    }
+    if config.http.max_header_bytes.get() < 1024 {
+        err("http.max_header_bytes".into(), "must be at least 1k".into());
+    }
+    if config.reload.watch_interval.get().is_zero() {
+        err("reload.watch_interval".into(), "must be more than 0".into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors_of(text: &str) -> Vec<String> {
+        load_str("t.yaml", text)
+            .err()
+            .unwrap_or_default()
+            .iter()
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_good_file_loads() {
+        let l = load_str(
+            "t.yaml",
+            "listeners: [{ name: web, address: \"127.0.0.1:8080\" }]\n\
+             upstreams:\n  app: { backends: [{ address: \"127.0.0.1:9000\" }], timeouts: { connect: 250ms } }\n\
+             routes:\n  - { name: r, match: { path_prefix: /api }, upstream: app }\n",
+        )
+        .unwrap();
+        assert_eq!(l.config.routes[0].name, "r");
+        assert_eq!(
+            l.config.upstreams["app"].timeouts.connect.get(),
+            std::time::Duration::from_millis(250)
+        );
+    }
+
+    #[test]
+    fn all_errors_are_reported_with_line_and_path() {
+        let errs = errors_of(
+            "listeners: [{ name: web, address: \"127.0.0.1:8080\" }]\n\
+             upstreams:\n  app:\n    backends: [{ address: \"127.0.0.1:9000\" }]\n    timeouts: { connect: soon }\n\
+             routes:\n  - name: a\n    match: { path_prefx: /x }\n  - name: b\n    bogus: 1\n\
+             colour: blue\n",
+        );
+        assert_eq!(errs.len(), 4, "{errs:#?}");
+        assert!(errs.iter().any(|e| e.starts_with("t.yaml:5:") && e.contains("upstreams.app.timeouts.connect")), "{errs:#?}");
+        assert!(errs.iter().any(|e| e.starts_with("t.yaml:8:") && e.contains("routes[0].match") && e.contains("path_prefx")), "{errs:#?}");
+        assert!(errs.iter().any(|e| e.starts_with("t.yaml:10:") && e.contains("routes[1]") && e.contains("bogus")), "{errs:#?}");
+        assert!(errs.iter().any(|e| e.starts_with("t.yaml:11:1") && e.contains("unknown section `colour`")), "{errs:#?}");
+    }
+
+    #[test]
+    fn listener_addresses_are_checked() {
+        let errs = errors_of("listeners: [{ name: web, address: \"localhost\" }, { name: web, address: \"1.2.3.4:1\" }]\n");
+        assert!(errs.iter().any(|e| e.contains("listeners[0].address") && e.contains("not an IP:port")), "{errs:#?}");
+        assert!(errs.iter().any(|e| e.contains("listeners[1].name") && e.contains("duplicate")), "{errs:#?}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        let errs = errors_of(
+            "listeners: [{ name: web, address: \"127.0.0.1:8080\" }]\n\
+             upstreams:\n  app: { backends: [{ address: \"127.0.0.1:9000\", weight: heavy }] }\n",
+        );
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(errs[0].starts_with("t.yaml:3:") && errs[0].contains("upstreams.app.backends[0].weight"), "{errs:#?}");
+    }
+}

@@ -1,0 +1,274 @@
+//! The downstream connection loop. Pingora's `HttpProxy` serves ordinary HTTP; this thin
+//! `ServerApp` in front of it reads each HTTP/1 request head first, so that:
+//!
+//! - WebSocket upgrades are tunnelled by tollgate itself (`tunnel`), with small buffers and a
+//!   registry that can close a tunnel cleanly. Pingora's own tunnel costs ~70 KB per idle
+//!   connection and cannot be closed from outside (pingora issue #571);
+//! - header size/count limits and the header timeout are enforced before any parsing work;
+//! - idle keep-alive connections are closed promptly on shutdown.
+//!
+//! Everything else is handed back to Pingora unchanged: the bytes read are replayed with
+//! `Stream::rewind`, then `HttpProxy::process_new_http` runs the normal `ProxyHttp` phases. In
+//! Pingora 0.9.1 the keep-alive loop lives inside `HttpServerApp`'s blanket `ServerApp` impl,
+//! so this module runs that loop itself to see every request head, not just the first.
+//! HTTP/2 connections go to Pingora whole (WebSocket over h2 is not supported by Pingora).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::{Stream, ALPN};
+use pingora_core::server::ShutdownWatch;
+use pingora_proxy::HttpProxy;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::{timeout_at, Instant};
+
+use crate::gateway::Gateway;
+use crate::proxy::Proxy;
+use crate::respond::{request_id, Reject};
+use crate::tunnel;
+
+/// Upper bound for `http.max_headers` (the parser's header table lives on the stack).
+pub const MAX_HEADERS_CAP: usize = 256;
+/// First allocation for a request head; grows up to `http.max_header_bytes`.
+const HEAD_BUF: usize = 2048;
+
+pub struct Edge {
+    pub proxy: Arc<HttpProxy<Proxy>>,
+    pub gateway: Arc<Gateway>,
+}
+
+/// Outcome of reading one request head.
+enum Head {
+    /// The peer closed or went quiet; nothing to answer.
+    Closed,
+    /// Answer with this error and close.
+    Reject(Reject),
+    /// `buf[..len]` is a complete head (`buf` may hold more bytes after it).
+    Ready { len: usize, websocket: bool },
+}
+
+#[async_trait]
+impl ServerApp for Edge {
+    async fn process_new(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let _open = ConnectionGauge::new(&self.gateway.metrics.connections_active);
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+        }
+        let mut buf: Vec<u8> = Vec::new();
+        let mut persistent: Option<HttpPersistentSettings> = None;
+        let mut first = true;
+        loop {
+            let http = self.gateway.current().http.clone();
+            match read_head(&mut stream, &mut buf, &http, first, shutdown).await {
+                Head::Closed => return None,
+                Head::Reject(r) => {
+                    let _ = stream.write_all(&r.raw_response(&request_id(None))).await;
+                    let _ = stream.shutdown().await;
+                    return None;
+                }
+                Head::Ready { len, websocket: true } => {
+                    match tunnel::plan(&self.gateway, &buf[..len], &stream) {
+                        tunnel::Plan::Tunnel(plan) => {
+                            tunnel::run(&self.gateway, plan, stream, buf, len).await;
+                            return None;
+                        }
+                        tunnel::Plan::Reject(r, id) => {
+                            let _ = stream.write_all(&r.raw_response(&id)).await;
+                            let _ = stream.shutdown().await;
+                            return None;
+                        }
+                        // Not a tunnel route (fixed response, redirect, no route...): Pingora answers.
+                        tunnel::Plan::Http => {}
+                    }
+                }
+                Head::Ready { .. } => {}
+            }
+            let replay = std::mem::take(&mut buf);
+            let Some(replayed) = rewind(stream, &replay) else {
+                tracing::error!("cannot replay a request head on this stream type");
+                return None;
+            };
+            buf = replay;
+            let mut session = ServerSession::new_http1(replayed);
+            match persistent.take() {
+                Some(p) => p.apply_to_session(&mut session),
+                None => session.set_keepalive(Some(http.keepalive_timeout.get().as_secs().max(1))),
+            }
+            if *shutdown.borrow() {
+                session.set_keepalive(None);
+            }
+            let reused = self.proxy.process_new_http(session, shutdown).await?;
+            let (s, p) = reused.consume();
+            stream = s;
+            persistent = p;
+            first = false;
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.proxy.http_cleanup().await;
+    }
+}
+
+/// Replays `head` in front of the stream's next reads. Only plaintext TCP/Unix streams can do
+/// this today (TLS listeners need a replaying wrapper).
+fn rewind(stream: Stream, head: &[u8]) -> Option<Stream> {
+    let mut l4 = stream
+        .into_any()
+        .downcast::<pingora_core::protocols::l4::stream::Stream>()
+        .ok()?;
+    l4.rewind(head);
+    Some(l4)
+}
+
+/// Reads one request head into `buf` within the configured limits and timeouts.
+async fn read_head(
+    stream: &mut Stream,
+    buf: &mut Vec<u8>,
+    http: &crate::config::HttpSettings,
+    first: bool,
+    shutdown: &ShutdownWatch,
+) -> Head {
+    buf.clear();
+    let max = http.max_header_bytes.get() as usize;
+    // Waiting for the first byte: a new connection gets the header timeout, a kept-alive one
+    // the keep-alive timeout, and stops waiting when the server shuts down.
+    let idle = if first {
+        http.client_header_timeout.get()
+    } else {
+        http.keepalive_timeout.get()
+    };
+    let mut deadline = Instant::now() + idle;
+    let mut shutdown = shutdown.clone();
+    loop {
+        if buf.capacity() - buf.len() < 512 {
+            let want = (buf.capacity().max(HEAD_BUF / 2) * 2).min(max + 1);
+            if want <= buf.len() {
+                return Head::Reject(Reject::HeadersTooLarge);
+            }
+            buf.reserve_exact(want - buf.len());
+        }
+        let read = async {
+            if buf.is_empty() && !first {
+                tokio::select! {
+                    r = stream.read_buf(buf) => Some(r),
+                    _ = wait_shutdown(&mut shutdown) => None,
+                }
+            } else {
+                Some(stream.read_buf(buf).await)
+            }
+        };
+        let n = match timeout_at(deadline, read).await {
+            Ok(Some(Ok(n))) => n,
+            // Timed out, shutting down, or a read error: close quietly.
+            _ => return Head::Closed,
+        };
+        if n == 0 {
+            return Head::Closed;
+        }
+        if n == buf.len() {
+            // The head started: from now on the client has the header timeout to finish it.
+            deadline = Instant::now() + http.client_header_timeout.get();
+        }
+        match parse_head(buf, http.max_headers) {
+            Parsed::Complete { len, websocket } => return Head::Ready { len, websocket },
+            Parsed::Partial if buf.len() > max => return Head::Reject(Reject::HeadersTooLarge),
+            Parsed::Partial => {}
+            Parsed::TooManyHeaders => return Head::Reject(Reject::HeadersTooLarge),
+            Parsed::Invalid => return Head::Reject(Reject::BadRequest),
+        }
+    }
+}
+
+async fn wait_shutdown(shutdown: &mut ShutdownWatch) {
+    while !*shutdown.borrow() {
+        if shutdown.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+enum Parsed {
+    Complete { len: usize, websocket: bool },
+    Partial,
+    TooManyHeaders,
+    Invalid,
+}
+
+/// Parses a request head without allocating (the header table is on this call's stack, not in
+/// the connection's future).
+fn parse_head(buf: &[u8], max_headers: usize) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS_CAP];
+    let mut req = httparse::Request::new(&mut headers[..max_headers.min(MAX_HEADERS_CAP)]);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => Parsed::Complete {
+            len,
+            websocket: is_websocket_upgrade(&req),
+        },
+        Ok(httparse::Status::Partial) => Parsed::Partial,
+        Err(httparse::Error::TooManyHeaders) => Parsed::TooManyHeaders,
+        Err(_) => Parsed::Invalid,
+    }
+}
+
+/// `GET` over HTTP/1.1 with `Upgrade: websocket` (RFC 6455 §4.1).
+pub fn is_websocket_upgrade(req: &httparse::Request<'_, '_>) -> bool {
+    req.method == Some("GET")
+        && req.version == Some(1)
+        && req.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("upgrade")
+                && h.value
+                    .split(|b| *b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+        })
+}
+
+/// Keeps `tollgate_connections_active` right however the connection ends.
+struct ConnectionGauge<'a>(&'a prometheus::IntGauge);
+
+impl<'a> ConnectionGauge<'a> {
+    fn new(g: &'a prometheus::IntGauge) -> Self {
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for ConnectionGauge<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_are_classified() {
+        let ws = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: WebSocket\r\n\r\nextra";
+        match parse_head(ws, 100) {
+            Parsed::Complete { len, websocket } => {
+                assert!(websocket);
+                assert_eq!(&ws[len..], b"extra");
+            }
+            _ => panic!("complete head expected"),
+        }
+        assert!(matches!(
+            parse_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 100),
+            Parsed::Complete { websocket: false, .. }
+        ));
+        assert!(matches!(parse_head(b"GET / HTTP/1.1\r\nHost: a\r\n", 100), Parsed::Partial));
+        assert!(matches!(
+            parse_head(b"GET / HTTP/1.1\r\na: 1\r\nb: 2\r\nc: 3\r\n\r\n", 2),
+            Parsed::TooManyHeaders
+        ));
+        assert!(matches!(parse_head(b"GET / HTTP/1.1\r\nbad header\r\n\r\n", 100), Parsed::Invalid));
+        // POST with Upgrade is not a WebSocket handshake.
+        assert!(matches!(
+            parse_head(b"POST / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n", 100),
+            Parsed::Complete { websocket: false, .. }
+        ));
+    }
+}

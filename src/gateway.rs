@@ -1,0 +1,275 @@
+//! The process-wide state every request path shares, and the reload manager.
+//!
+//! `Gateway` owns the one `ArcSwap<Snapshot>` and the state that must outlive snapshots
+//! (backend health registry, metrics, access log, WebSocket tunnel registry). A reload is
+//! `load → compile → swap`; it is triggered by file changes, `SIGHUP`, or a direct call to
+//! [`Gateway::reload`] (the admin API's entry point). An invalid config is refused whole and
+//! the running snapshot keeps serving. A reload never touches a connection: requests finish on
+//! the snapshot they started with and tunnels keep only their own upstream handle.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+
+use crate::config::{self, Config, ConfigError};
+use crate::observe::{AccessLog, Metrics};
+use crate::snapshot::{self, Snapshot};
+use crate::tunnel::TunnelRegistry;
+use crate::upstream::Registry;
+
+pub struct Gateway {
+    snapshot: ArcSwap<Snapshot>,
+    pub registry: Registry,
+    pub metrics: Metrics,
+    pub access_log: AccessLog,
+    pub tunnels: TunnelRegistry,
+    config_path: PathBuf,
+    /// The config this process started with: listeners, admin and server settings are bound at
+    /// start and only change through a binary upgrade.
+    boot: Config,
+    state: Mutex<ReloadState>,
+}
+
+struct ReloadState {
+    /// The last config that compiled (for change detection of non-hot settings).
+    applied: Config,
+    last_error: Option<Vec<ConfigError>>,
+    last_reload: Option<SystemTime>,
+}
+
+/// What `/status` reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    pub generation: u64,
+    pub config_path: String,
+    pub last_error: Option<Vec<ConfigError>>,
+    pub last_reload: Option<String>,
+    pub websocket_tunnels: usize,
+}
+
+impl Gateway {
+    /// Compiles the first snapshot. Errors are located in the config file.
+    pub fn start(config_path: &Path, loaded: config::Loaded) -> Result<Arc<Gateway>, Vec<ConfigError>> {
+        let metrics = Metrics::new();
+        let registry = Registry::new();
+        let snap = snapshot::compile(&loaded.config, &registry, &metrics, 1)
+            .map_err(|e| loaded.locate(&e))?;
+        let access_log = AccessLog::start(&loaded.config.access_log, metrics.access_log_dropped.clone())
+            .map_err(|e| {
+                vec![ConfigError {
+                    file: loaded.source.file.clone(),
+                    line: 0,
+                    column: 0,
+                    path: "access_log.path".into(),
+                    message: format!("cannot open `{}`: {e}", loaded.config.access_log.path),
+                }]
+            })?;
+        metrics.generation.set(1);
+        let tunnels = TunnelRegistry::new(metrics.tunnels_active.clone());
+        Ok(Arc::new(Gateway {
+            snapshot: ArcSwap::from_pointee(snap),
+            registry,
+            metrics,
+            access_log,
+            tunnels,
+            config_path: config_path.to_path_buf(),
+            boot: loaded.config.clone(),
+            state: Mutex::new(ReloadState {
+                applied: loaded.config,
+                last_error: None,
+                last_reload: None,
+            }),
+        }))
+    }
+
+    /// The snapshot to serve one request with: one atomic load. Keep it for the whole request.
+    #[inline]
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The config the process started with (listeners, admin, server settings).
+    pub fn boot_config(&self) -> &Config {
+        &self.boot
+    }
+
+    /// Re-reads the config file and swaps in the new snapshot. On error the running snapshot
+    /// stays and the errors are kept for `/status`. Returns the new generation.
+    pub fn reload(&self) -> Result<u64, Vec<ConfigError>> {
+        let started = Instant::now();
+        // One reload at a time; requests never take this lock.
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = self.snapshot.load().generation + 1;
+        let result = config::load(&self.config_path).and_then(|loaded| {
+            match snapshot::compile(&loaded.config, &self.registry, &self.metrics, generation) {
+                Ok(snap) => Ok((loaded, snap)),
+                Err(e) => Err(loaded.locate(&e)),
+            }
+        });
+        state.last_reload = Some(SystemTime::now());
+        match result {
+            Ok((loaded, snap)) => {
+                for warning in restart_only_changes(&self.boot, &loaded.config) {
+                    tracing::warn!("{}: {warning}", self.config_path.display());
+                }
+                if loaded.config.access_log != state.applied.access_log {
+                    self.access_log.reconfigure(&loaded.config.access_log);
+                }
+                let snap = Arc::new(snap);
+                self.snapshot.store(snap.clone());
+                self.registry.retain(&snap.upstreams);
+                state.applied = loaded.config;
+                state.last_error = None;
+                self.metrics.generation.set(generation as i64);
+                self.metrics.reloads.with_label_values(&["ok"]).inc();
+                tracing::info!(
+                    generation,
+                    routes = snap.router.routes().len(),
+                    upstreams = snap.upstreams.len(),
+                    took_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "config reloaded"
+                );
+                Ok(generation)
+            }
+            Err(errors) => {
+                self.metrics.reloads.with_label_values(&["error"]).inc();
+                for e in &errors {
+                    tracing::error!("config reload refused, still serving generation {}: {e}", generation - 1);
+                }
+                state.last_error = Some(errors.clone());
+                Err(errors)
+            }
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        Status {
+            generation: self.snapshot.load().generation,
+            config_path: self.config_path.display().to_string(),
+            last_error: state.last_error.clone(),
+            last_reload: state.last_reload.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+            websocket_tunnels: self.tunnels.len(),
+        }
+    }
+
+    /// Refreshes the gauges that mirror backend state (called when metrics are scraped).
+    pub fn refresh_backend_metrics(&self) {
+        let snap = self.current();
+        self.metrics.backend_healthy.reset();
+        self.metrics.backend_inflight.reset();
+        for u in &snap.upstreams {
+            for b in u.backend_states() {
+                self.metrics
+                    .backend_healthy
+                    .with_label_values(&[&u.name, &b.address])
+                    .set((b.healthy && !b.ejected) as i64);
+                self.metrics
+                    .backend_inflight
+                    .with_label_values(&[&u.name, &b.address])
+                    .set(b.in_flight as i64);
+            }
+        }
+    }
+}
+
+/// Settings that changed in the file but only take effect through a binary upgrade.
+pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if running.listeners != new.listeners {
+        out.push("`listeners` changed: listeners are bound at start; apply with a binary upgrade (tollgate upgrade). The rest of the change is live.".to_string());
+    }
+    if running.admin != new.admin {
+        out.push("`admin` changed: the admin listener is bound at start; apply with a binary upgrade. The rest of the change is live.".to_string());
+    }
+    if running.server != new.server {
+        out.push("`server` changed: threads, pool size, grace period and file paths are set at start; apply with a binary upgrade. The rest of the change is live.".to_string());
+    }
+    out
+}
+
+/// Reloads on `SIGHUP` and, when `reload.watch` is on, when the config file changes.
+pub struct ConfigWatcher {
+    pub gateway: Arc<Gateway>,
+}
+
+#[derive(PartialEq, Eq, Clone, Copy)]
+struct FileStamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    // Follow symlinks: a swapped symlink (e.g. a mounted ConfigMap) is a change.
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        modified: m.modified().ok(),
+        len: m.len(),
+        inode: m.ino(),
+    })
+}
+
+impl ConfigWatcher {
+    async fn reload(&self, why: &str) {
+        tracing::info!("reloading config ({why})");
+        let gw = self.gateway.clone();
+        // Compiling can take a while for big configs and resolves host names: keep it off the
+        // async workers.
+        let _ = tokio::task::spawn_blocking(move || gw.reload()).await;
+    }
+}
+
+#[async_trait]
+impl BackgroundService for ConfigWatcher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!("cannot listen for SIGHUP: {e}");
+                None
+            }
+        };
+        let path = self.gateway.config_path().to_path_buf();
+        let mut last = stamp(&path);
+        loop {
+            let (watch, interval) = {
+                let s = self.gateway.state.lock().unwrap_or_else(|p| p.into_inner());
+                (s.applied.reload.watch, s.applied.reload.watch_interval.get())
+            };
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = async { match hangup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
+                    last = stamp(&path);
+                    self.reload("SIGHUP").await;
+                }
+                _ = tokio::time::sleep(interval) => {
+                    if !watch {
+                        continue;
+                    }
+                    let now = stamp(&path);
+                    if now.is_some() && now != last {
+                        // Let a writer finish: reload once the file has been still for a moment.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let settled = stamp(&path);
+                        if settled != now {
+                            continue;
+                        }
+                        last = settled;
+                        self.reload("file changed").await;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! Tollgate: an edge gateway on Pingora. See README.md for the picture; each module's first
+//! lines say what it owns.
+
+pub mod admin;
+pub mod config;
+pub mod edge;
+pub mod forwarding;
+pub mod gateway;
+pub mod observe;
+pub mod proxy;
+pub mod respond;
+pub mod router;
+pub mod snapshot;
+pub mod tunnel;
+pub mod upstream;

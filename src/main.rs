@@ -1,0 +1,188 @@
+//! The `tollgate` command: run the gateway, or check a config file.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::Server;
+use pingora_core::services::background::background_service;
+use pingora_core::services::listening::Service;
+
+use tollgate::admin::AdminApp;
+use tollgate::config::{self, ConfigError};
+use tollgate::edge::Edge;
+use tollgate::gateway::{ConfigWatcher, Gateway};
+use tollgate::proxy::Proxy;
+use tollgate::snapshot;
+use tollgate::upstream::{HealthChecker, Registry};
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "Edge gateway on Pingora")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// The gateway config file.
+    #[arg(short = 'c', long = "conf", global = true, default_value = "conf/tollgate.yaml")]
+    conf: PathBuf,
+    /// Take over the listening sockets of a running tollgate (binary upgrade).
+    #[arg(short = 'u', long)]
+    upgrade: bool,
+    /// Run in the background.
+    #[arg(short = 'd', long)]
+    daemon: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config file (and everything it compiles to) without starting.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match cli.command {
+        Some(Command::Check) => check(&cli.conf),
+        None => run(&cli),
+    }
+}
+
+fn print_errors(errors: &[ConfigError]) {
+    for e in errors {
+        eprintln!("{e}");
+    }
+    eprintln!(
+        "{} error{} found",
+        errors.len(),
+        if errors.len() == 1 { "" } else { "s" }
+    );
+}
+
+/// `tollgate check`: everything a reload would do, short of swapping the snapshot.
+fn check(path: &Path) -> ExitCode {
+    let loaded = match config::load(path) {
+        Ok(l) => l,
+        Err(errors) => {
+            print_errors(&errors);
+            return ExitCode::FAILURE;
+        }
+    };
+    let metrics = tollgate::observe::Metrics::new();
+    match snapshot::compile(&loaded.config, &Registry::new(), &metrics, 1) {
+        Ok(snap) => {
+            println!(
+                "{}: ok ({} routes, {} upstreams, {} listeners)",
+                path.display(),
+                snap.router.routes().len(),
+                snap.upstreams.len(),
+                loaded.config.listeners.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            print_errors(&loaded.locate(&errors));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> ExitCode {
+    let loaded = match config::load(&cli.conf) {
+        Ok(l) => l,
+        Err(errors) => {
+            print_errors(&errors);
+            return ExitCode::FAILURE;
+        }
+    };
+    let cfg = loaded.config.clone();
+    let gateway = match Gateway::start(&cli.conf, loaded) {
+        Ok(g) => g,
+        Err(errors) => {
+            print_errors(&errors);
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let mut conf = ServerConf {
+        threads: cfg.server.threads,
+        work_stealing: cfg.server.work_stealing,
+        upstream_keepalive_pool_size: cfg.server.upstream_keepalive_pool_size,
+        grace_period_seconds: Some(cfg.server.grace_period.get().as_secs()),
+        graceful_shutdown_timeout_seconds: Some(5),
+        pid_file: cfg.server.pid_file.clone(),
+        upgrade_sock: cfg.server.upgrade_sock.clone(),
+        daemon: cli.daemon,
+        ..ServerConf::default()
+    };
+    conf.max_retries = 16;
+    let opt = Opt {
+        upgrade: cli.upgrade,
+        daemon: cli.daemon,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let proxy = Arc::new(pingora_proxy::http_proxy(
+        &server.configuration,
+        Proxy {
+            gateway: gateway.clone(),
+        },
+    ));
+    let mut edge = Service::new(
+        "tollgate".to_string(),
+        Edge {
+            proxy,
+            gateway: gateway.clone(),
+        },
+    );
+    for l in &cfg.listeners {
+        edge.add_tcp(&l.address);
+    }
+    edge.threads = Some(cfg.server.threads);
+
+    let mut admin = Service::new(
+        "admin".to_string(),
+        pingora_core::apps::http_app::HttpServer::new_app(AdminApp {
+            gateway: gateway.clone(),
+        }),
+    );
+    admin.add_tcp(&cfg.admin.address);
+    admin.threads = Some(1);
+
+    let watcher = background_service(
+        "config watcher",
+        ConfigWatcher {
+            gateway: gateway.clone(),
+        },
+    );
+    let source = gateway.clone();
+    let health = background_service(
+        "health checks",
+        HealthChecker::new(Arc::new(move || source.current().upstreams.clone())),
+    );
+
+    server.add_service(edge);
+    server.add_service(admin);
+    server.add_service(watcher);
+    server.add_service(health);
+    tracing::info!(
+        config = %cli.conf.display(),
+        listeners = ?cfg.listeners.iter().map(|l| l.address.as_str()).collect::<Vec<_>>(),
+        admin = %cfg.admin.address,
+        "tollgate starting"
+    );
+    server.run_forever()
+}

@@ -1,0 +1,176 @@
+//! Prometheus metrics. Label lookups (a hash and a lock inside the `prometheus` crate) happen
+//! when a snapshot is compiled: each route gets its own counter handles, so a request only
+//! increments atomics.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Route label for requests that matched no route.
+pub const NO_ROUTE: &str = "_none";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    pub connections_active: IntGauge,
+    pub tunnels_active: IntGauge,
+    pub tunnels_total: IntCounterVec,
+    pub backend_healthy: IntGaugeVec,
+    pub backend_inflight: IntGaugeVec,
+    pub reloads: IntCounterVec,
+    pub generation: IntGauge,
+    pub access_log_dropped: IntCounter,
+}
+
+/// Counter handles of one route (and its upstream), resolved once per snapshot.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    /// Indexed by status class: 0 = other, 1 = 1xx ... 5 = 5xx.
+    by_class: [IntCounter; 6],
+    duration: Histogram,
+}
+
+impl RouteMetrics {
+    /// Records one finished request.
+    pub fn observe(&self, status: u16, seconds: f64) {
+        let class = (status / 100) as usize;
+        self.by_class[if (1..=5).contains(&class) { class } else { 0 }].inc();
+        self.duration.observe(seconds);
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("tollgate_requests_total", "Requests answered, by route, upstream and status class"),
+            &["route", "upstream", "status"],
+        )
+        .expect("valid metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_request_duration_seconds",
+                "Time from request head to end of response, by route",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("valid metric");
+        let connections_active =
+            IntGauge::new("tollgate_connections_active", "Open downstream connections").expect("valid metric");
+        let tunnels_active =
+            IntGauge::new("tollgate_websocket_tunnels_active", "Open WebSocket tunnels").expect("valid metric");
+        let tunnels_total = IntCounterVec::new(
+            Opts::new("tollgate_websocket_tunnels_total", "WebSocket tunnels opened, by route"),
+            &["route"],
+        )
+        .expect("valid metric");
+        let backend_healthy = IntGaugeVec::new(
+            Opts::new("tollgate_backend_healthy", "1 when the backend takes traffic (healthy and not ejected)"),
+            &["upstream", "backend"],
+        )
+        .expect("valid metric");
+        let backend_inflight = IntGaugeVec::new(
+            Opts::new("tollgate_backend_inflight", "Requests and tunnels in flight per backend"),
+            &["upstream", "backend"],
+        )
+        .expect("valid metric");
+        let reloads = IntCounterVec::new(
+            Opts::new("tollgate_config_reloads_total", "Config reloads by result (ok, error)"),
+            &["result"],
+        )
+        .expect("valid metric");
+        let generation =
+            IntGauge::new("tollgate_config_generation", "Generation of the config being served").expect("valid metric");
+        let access_log_dropped = IntCounter::new(
+            "tollgate_access_log_dropped_total",
+            "Access log lines dropped because the writer fell behind",
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(connections_active.clone()),
+            Box::new(tunnels_active.clone()),
+            Box::new(tunnels_total.clone()),
+            Box::new(backend_healthy.clone()),
+            Box::new(backend_inflight.clone()),
+            Box::new(reloads.clone()),
+            Box::new(generation.clone()),
+            Box::new(access_log_dropped.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        for r in ["ok", "error"] {
+            reloads.with_label_values(&[r]);
+        }
+        Self {
+            registry,
+            requests,
+            duration,
+            connections_active,
+            tunnels_active,
+            tunnels_total,
+            backend_healthy,
+            backend_inflight,
+            reloads,
+            generation,
+            access_log_dropped,
+        }
+    }
+
+    /// Handles for one route. Called at compile time, never per request.
+    pub fn route(&self, route: &str, upstream: &str) -> RouteMetrics {
+        let class = |c: &str| self.requests.with_label_values(&[route, upstream, c]);
+        RouteMetrics {
+            by_class: [
+                class("other"),
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            duration: self.duration.with_label_values(&[route]),
+        }
+    }
+
+    /// Prometheus text exposition of everything registered.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into a Vec cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_handles_count_by_class() {
+        let m = Metrics::new();
+        let r = m.route("api", "app");
+        r.observe(200, 0.01);
+        r.observe(503, 0.02);
+        r.observe(204, 0.01);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains(r#"tollgate_requests_total{route="api",status="2xx",upstream="app"} 2"#), "{text}");
+        assert!(text.contains(r#"tollgate_requests_total{route="api",status="5xx",upstream="app"} 1"#), "{text}");
+        assert!(text.contains(r#"tollgate_request_duration_seconds_count{route="api"} 3"#), "{text}");
+    }
+}

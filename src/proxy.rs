@@ -1,0 +1,411 @@
+//! The `ProxyHttp` glue: thin, each phase calls one module, in this order per request:
+//!
+//! 1. `request_filter`: load the snapshot (one atomic load, kept for the whole request), set the
+//!    request id, route (`router`), then answer fixed responses, redirects and errors (no route,
+//!    body too large) directly, or pick the backend subset for a proxy route (`Split::choose`).
+//! 2. `upstream_peer`: pick a backend (`Upstream::select`), skipping ones already tried.
+//! 3. `fail_to_connect`: passive health, and a retry on another backend for idempotent requests.
+//! 4. `upstream_request_filter`: path rewrite, header hygiene and edits (`forwarding`).
+//! 5. `request_body_filter`: the route's body cap for bodies without `Content-Length`.
+//! 6. `upstream_response_filter` / `response_filter`: passive health, response header edits.
+//! 7. `fail_to_proxy`: every gateway error as the same short JSON body (`respond`).
+//! 8. `logging`: metrics and the access log.
+//!
+//! WebSocket upgrades never get here unless their upstream uses TLS (see `tunnel`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::ResponseHeader;
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::forwarding::{self, Client, X_REQUEST_ID};
+use crate::gateway::Gateway;
+use crate::observe::{access_log::now_rfc3339, AccessRecord};
+use crate::respond::{request_id, Reject};
+use crate::router::{Action, RequestHead};
+use crate::snapshot::Snapshot;
+use crate::upstream::{Pick, SubsetId};
+
+pub struct Proxy {
+    pub gateway: Arc<Gateway>,
+}
+
+/// Per-request state.
+pub struct Ctx {
+    started: Instant,
+    snap: Option<Arc<Snapshot>>,
+    route: Option<usize>,
+    request_id: String,
+    client: Client,
+    subset: Option<SubsetId>,
+    hash: Option<u64>,
+    /// Holds the backend's in-flight slot until the request ends.
+    pick: Option<Pick>,
+    backend: Option<usize>,
+    tried: Vec<usize>,
+    reject: Option<Reject>,
+    max_body: u64,
+    body_seen: u64,
+    upstream_started: Option<Instant>,
+    upstream_done: Option<Instant>,
+}
+
+fn idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+impl Proxy {
+    /// Writes a gateway error as JSON. Used before proxying starts.
+    async fn reject(&self, session: &mut Session, ctx: &mut Ctx, r: Reject) -> Result<bool> {
+        ctx.reject = Some(r);
+        write_json_error(session, r, &ctx.request_id).await;
+        Ok(true)
+    }
+}
+
+async fn write_json_error(session: &mut Session, r: Reject, request_id: &str) {
+    let body = Bytes::from(r.body(request_id));
+    let Ok(mut resp) = ResponseHeader::build(r.status(), Some(4)) else {
+        return;
+    };
+    let _ = resp.insert_header("content-type", "application/json");
+    let _ = resp.insert_header("content-length", body.len());
+    let _ = resp.insert_header(X_REQUEST_ID, request_id);
+    if matches!(r, Reject::BodyTooLarge | Reject::BadRequest | Reject::BodyTimeout) {
+        // The rest of the body was not read: the connection cannot be reused.
+        session.set_keepalive(None);
+    }
+    if session.write_response_header(Box::new(resp), false).await.is_ok() {
+        let _ = session.write_response_body(Some(body), true).await;
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            started: Instant::now(),
+            snap: None,
+            route: None,
+            request_id: String::new(),
+            client: Client {
+                ip: None,
+                proto: "http",
+            },
+            subset: None,
+            hash: None,
+            pick: None,
+            backend: None,
+            tried: Vec::new(),
+            reject: None,
+            max_body: u64::MAX,
+            body_seen: 0,
+            upstream_started: None,
+            upstream_done: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let snap = self.gateway.current();
+        ctx.request_id = request_id(session.req_header().headers.get(X_REQUEST_ID).map(|v| v.as_bytes()));
+        ctx.client = Client {
+            ip: session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()),
+            proto: if session.digest().and_then(|d| d.ssl_digest.as_ref()).is_some() {
+                "https"
+            } else {
+                "http"
+            },
+        };
+        session.set_read_timeout(Some(snap.http.client_body_timeout.get()));
+        ctx.snap = Some(snap.clone());
+
+        let req = session.req_header();
+        let head = RequestHead::from_parts(req);
+        let Some(route) = snap.router.find(&head) else {
+            return self.reject(session, ctx, Reject::NoRoute).await;
+        };
+        ctx.route = Some(route.index);
+        ctx.max_body = route.max_body;
+
+        let response = match &route.action {
+            Action::Proxy { .. } => {
+                if session.is_upgrade_req() && !route.websocket.enabled {
+                    return self.reject(session, ctx, Reject::WebSocketDisabled).await;
+                }
+                let declared = req
+                    .headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if declared.is_some_and(|n| n > route.max_body) {
+                    return self.reject(session, ctx, Reject::BodyTooLarge).await;
+                }
+                let target = route.split.choose(&head, ctx.client.ip);
+                ctx.subset = Some(snap.bindings[route.index].subsets[target]);
+                ctx.hash = snap
+                    .upstream_of(route.index)
+                    .and_then(|u| u.hash_key(req, ctx.client.ip));
+                return Ok(false);
+            }
+            Action::Respond { status, body, headers } => {
+                let mut resp = ResponseHeader::build(*status, Some(headers.len() + 2))?;
+                for (k, v) in headers {
+                    resp.append_header(k.clone(), v.clone())?;
+                }
+                resp.insert_header("content-length", body.len())?;
+                (resp, body.clone())
+            }
+            Action::Redirect { status, location } => {
+                let mut resp = ResponseHeader::build(*status, Some(3))?;
+                resp.insert_header("location", location.render(head.path, head.query))?;
+                resp.insert_header("content-length", 0)?;
+                (resp, Bytes::new())
+            }
+        };
+        let (mut resp, body) = response;
+        forwarding::downstream_response(&mut resp, &snap.http, &ctx.request_id, &route.response_headers);
+        let head_only = body.is_empty();
+        session.write_response_header(Box::new(resp), head_only).await?;
+        if !head_only {
+            session.write_response_body(Some(body), true).await?;
+        }
+        Ok(true)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let (Some(snap), Some(route), Some(subset)) = (&ctx.snap, ctx.route, ctx.subset) else {
+            ctx.reject = Some(Reject::Internal);
+            return Err(Error::explain(ErrorType::InternalError, "no route bound"));
+        };
+        let upstream = snap
+            .upstream_of(route)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "route has no upstream"))?;
+        match upstream.select(subset, ctx.hash, &ctx.tried) {
+            Some(pick) => {
+                ctx.backend = Some(pick.index);
+                let peer = upstream.peer(pick.index);
+                ctx.pick = Some(pick);
+                ctx.upstream_started = Some(Instant::now());
+                Ok(peer)
+            }
+            None => {
+                let r = if ctx.tried.is_empty() {
+                    Reject::NoHealthyBackend
+                } else {
+                    Reject::UpstreamUnavailable
+                };
+                ctx.reject = Some(r);
+                Err(Error::explain(ErrorType::HTTPStatus(r.status()), r.message()))
+            }
+        }
+    }
+
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let (Some(snap), Some(route), Some(i)) = (&ctx.snap, ctx.route, ctx.backend) {
+            if let Some(upstream) = snap.upstream_of(route) {
+                upstream.report_connect_failure(i);
+                ctx.tried.push(i);
+                ctx.pick = None;
+                if ctx.tried.len() <= upstream.retries() && idempotent(&session.req_header().method) {
+                    e.set_retry(true);
+                }
+            }
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut pingora_http::RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let (Some(snap), Some(route)) = (&ctx.snap, ctx.route) else {
+            return Ok(());
+        };
+        let route = &snap.router.routes()[route];
+        if let Some(rw) = &route.rewrite {
+            let new_path = rw.apply(upstream_request.uri.path());
+            if new_path != upstream_request.uri.path() {
+                let uri = match upstream_request.uri.query() {
+                    Some(q) => format!("{new_path}?{q}"),
+                    None => new_path.into_owned(),
+                };
+                let uri = uri
+                    .parse::<http::Uri>()
+                    .map_err(|e| Error::because(ErrorType::InternalError, "rewritten path is not a valid URI", e))?;
+                upstream_request.set_uri(uri);
+            }
+        }
+        forwarding::upstream_request(
+            upstream_request,
+            ctx.client,
+            &snap.http,
+            &ctx.request_id,
+            &route.request_headers,
+            session.is_upgrade_req(),
+        );
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(b) = body {
+            ctx.body_seen += b.len() as u64;
+            if ctx.body_seen > ctx.max_body {
+                ctx.reject = Some(Reject::BodyTooLarge);
+                return Err(Error::explain(ErrorType::HTTPStatus(413), "request body too large"));
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.upstream_done = Some(Instant::now());
+        if let (Some(snap), Some(route), Some(i)) = (&ctx.snap, ctx.route, ctx.backend) {
+            if let Some(u) = snap.upstream_of(route) {
+                u.report_status(i, upstream_response.status.as_u16());
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let (Some(snap), Some(route)) = (&ctx.snap, ctx.route) {
+            let edits = &snap.router.routes()[route].response_headers;
+            forwarding::downstream_response(upstream_response, &snap.http, &ctx.request_id, edits);
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let r = ctx.reject.unwrap_or_else(|| classify(e));
+        ctx.reject = Some(r);
+        let dead_downstream = e.esource() == &ErrorSource::Downstream
+            && matches!(
+                e.etype(),
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
+            );
+        let code = if dead_downstream || session.response_written().is_some() {
+            0
+        } else {
+            write_json_error(session, r, &ctx.request_id).await;
+            r.status()
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, _error: &Error) -> bool {
+        // Rejections we chose (no backend, body too large) are logged in the access log.
+        ctx.reject.is_some()
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        ctx.pick = None;
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        let duration = ctx.started.elapsed().as_secs_f64();
+        let Some(snap) = &ctx.snap else {
+            return;
+        };
+        let route = ctx.route.map(|i| &snap.router.routes()[i]);
+        match ctx.route {
+            Some(i) => snap.bindings[i].metrics.observe(status, duration),
+            None => snap.unrouted.observe(status, duration),
+        }
+        if !self.gateway.access_log.enabled() {
+            return;
+        }
+        let req = session.req_header();
+        let upstream = ctx.route.and_then(|i| snap.upstream_of(i));
+        let error = ctx.reject.map(|r| r.code()).or_else(|| e.map(|_| "proxy_error"));
+        self.gateway.access_log.log(&AccessRecord {
+            time: now_rfc3339(),
+            request_id: &ctx.request_id,
+            client_ip: ctx.client.ip.map(|ip| ip.to_string()),
+            host: RequestHead::from_parts(req).host.unwrap_or(""),
+            method: req.method.as_str(),
+            path: req.uri.path(),
+            route: route.map_or("", |r| r.name.as_str()),
+            upstream: upstream.map_or("", |u| u.name.as_str()),
+            backend: match (upstream, ctx.backend) {
+                (Some(u), Some(i)) => Some(u.backend_addr(i).to_string()),
+                _ => None,
+            },
+            status,
+            bytes_sent: session.body_bytes_sent() as u64,
+            bytes_received: session.body_bytes_read() as u64,
+            duration_ms: duration * 1e3,
+            upstream_ms: match (ctx.upstream_started, ctx.upstream_done) {
+                (Some(a), Some(b)) => Some(b.duration_since(a).as_secs_f64() * 1e3),
+                _ => None,
+            },
+            websocket: session.is_upgrade_req(),
+            error,
+        });
+    }
+}
+
+/// Maps a Pingora error to the gateway's error vocabulary.
+fn classify(e: &Error) -> Reject {
+    use ErrorType::*;
+    match e.etype() {
+        HTTPStatus(413) => Reject::BodyTooLarge,
+        HTTPStatus(503) => Reject::NoHealthyBackend,
+        HTTPStatus(s) if *s >= 500 => Reject::UpstreamUnavailable,
+        HTTPStatus(_) => Reject::BadRequest,
+        ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | TLSHandshakeFailure
+        | TLSHandshakeTimedout | ConnectProxyFailure | SocketError | BindError => Reject::UpstreamUnavailable,
+        ReadTimedout | WriteTimedout if e.esource() == &ErrorSource::Upstream => Reject::UpstreamTimeout,
+        ReadTimedout if e.esource() == &ErrorSource::Downstream => Reject::BodyTimeout,
+        InvalidHTTPHeader | H1Error | H2Error | InvalidH2 => {
+            if e.esource() == &ErrorSource::Downstream {
+                Reject::BadRequest
+            } else {
+                Reject::UpstreamUnavailable
+            }
+        }
+        _ => match e.esource() {
+            ErrorSource::Upstream => Reject::UpstreamUnavailable,
+            ErrorSource::Downstream => Reject::BadRequest,
+            _ => Reject::Internal,
+        },
+    }
+}

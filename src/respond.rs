@@ -1,0 +1,143 @@
+//! Responses the gateway writes itself. Every one has the same shape, a status and a short JSON
+//! body `{"error","message","request_id"}`, and never carries internals (no upstream addresses,
+//! no config paths, no secrets).
+
+use std::fmt::Write as _;
+
+/// Why the gateway answered instead of the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    BadRequest,
+    NoRoute,
+    WebSocketDisabled,
+    BodyTooLarge,
+    HeadersTooLarge,
+    BodyTimeout,
+    NoHealthyBackend,
+    UpstreamUnavailable,
+    UpstreamTimeout,
+    Internal,
+}
+
+impl Reject {
+    pub fn status(self) -> u16 {
+        match self {
+            Reject::BadRequest | Reject::WebSocketDisabled => 400,
+            Reject::NoRoute => 404,
+            Reject::BodyTimeout => 408,
+            Reject::BodyTooLarge => 413,
+            Reject::HeadersTooLarge => 431,
+            Reject::Internal => 500,
+            Reject::UpstreamUnavailable => 502,
+            Reject::NoHealthyBackend => 503,
+            Reject::UpstreamTimeout => 504,
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Reject::BadRequest => "bad_request",
+            Reject::NoRoute => "no_route",
+            Reject::WebSocketDisabled => "websocket_disabled",
+            Reject::BodyTooLarge => "body_too_large",
+            Reject::HeadersTooLarge => "headers_too_large",
+            Reject::BodyTimeout => "body_timeout",
+            Reject::NoHealthyBackend => "no_healthy_backend",
+            Reject::UpstreamUnavailable => "upstream_unavailable",
+            Reject::UpstreamTimeout => "upstream_timeout",
+            Reject::Internal => "internal_error",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Reject::BadRequest => "the request could not be parsed",
+            Reject::NoRoute => "no route matches this request",
+            Reject::WebSocketDisabled => "WebSocket upgrades are not enabled on this route",
+            Reject::BodyTooLarge => "the request body is larger than this route allows",
+            Reject::HeadersTooLarge => "the request headers are too large or too many",
+            Reject::BodyTimeout => "the request body was not received in time",
+            Reject::NoHealthyBackend => "no healthy backend is available for this route",
+            Reject::UpstreamUnavailable => "the upstream could not be reached",
+            Reject::UpstreamTimeout => "the upstream did not answer in time",
+            Reject::Internal => "internal gateway error",
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(self, request_id: &str) -> Vec<u8> {
+        let mut s = String::with_capacity(128);
+        let _ = write!(
+            s,
+            r#"{{"error":"{}","message":"{}","request_id":"{}"}}"#,
+            self.code(),
+            self.message(),
+            request_id // request ids are validated or generated: only [A-Za-z0-9._:-]
+        );
+        s.push('\n');
+        s.into_bytes()
+    }
+
+    /// A complete HTTP/1.1 response that closes the connection, for the paths that answer
+    /// before (or instead of) Pingora's session.
+    pub fn raw_response(self, request_id: &str) -> Vec<u8> {
+        let body = self.body(request_id);
+        let mut out = String::with_capacity(256);
+        let _ = write!(
+            out,
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {}\r\nconnection: close\r\n\r\n",
+            self.status(),
+            http::StatusCode::from_u16(self.status())
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or(""),
+            body.len(),
+            request_id
+        );
+        let mut bytes = out.into_bytes();
+        bytes.extend_from_slice(&body);
+        bytes
+    }
+}
+
+/// The request id: the client's `X-Request-Id` when it is sane (1–128 chars of
+/// `[A-Za-z0-9._:-]`), otherwise a fresh 32-hex-digit id.
+pub fn request_id(incoming: Option<&[u8]>) -> String {
+    if let Some(v) = incoming {
+        if !v.is_empty()
+            && v.len() <= 128
+            && v
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+        {
+            // Checked ASCII above.
+            return String::from_utf8_lossy(v).into_owned();
+        }
+    }
+    format!("{:032x}", fastrand::u128(..))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_json_with_the_request_id() {
+        let body = Reject::NoRoute.body("abc");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"], "no_route");
+        assert_eq!(v["request_id"], "abc");
+        let raw = String::from_utf8(Reject::HeadersTooLarge.raw_response("id1")).unwrap();
+        assert!(raw.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"), "{raw}");
+        assert!(raw.contains(&format!("content-length: {}\r\n", Reject::HeadersTooLarge.body("id1").len())));
+    }
+
+    #[test]
+    fn request_ids_pass_through_only_when_sane() {
+        assert_eq!(request_id(Some(b"req-42.a:b_c")), "req-42.a:b_c");
+        let fresh = request_id(Some(b"bad\"id"));
+        assert_eq!(fresh.len(), 32);
+        assert_ne!(request_id(None), request_id(None));
+        assert_eq!(request_id(Some(&[b'a'; 129])).len(), 32);
+    }
+}
