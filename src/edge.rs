@@ -60,11 +60,12 @@ impl ServerApp for Edge {
         let mut persistent: Option<HttpPersistentSettings> = None;
         let mut first = true;
         loop {
-            let http = self.gateway.current().http.clone();
+            let http = self.gateway.http_settings();
             match read_head(&mut stream, &mut buf, &http, first, shutdown).await {
                 Head::Closed => return None,
                 Head::Reject(r) => {
                     let _ = stream.write_all(&r.raw_response(&request_id(None))).await;
+                    let _ = stream.flush().await;
                     let _ = stream.shutdown().await;
                     return None;
                 }
@@ -76,6 +77,7 @@ impl ServerApp for Edge {
                         }
                         tunnel::Plan::Reject(r, id) => {
                             let _ = stream.write_all(&r.raw_response(&id)).await;
+                            let _ = stream.flush().await;
                             let _ = stream.shutdown().await;
                             return None;
                         }

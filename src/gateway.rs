@@ -93,6 +93,13 @@ impl Gateway {
         self.snapshot.load_full()
     }
 
+    /// Request-hygiene limits of the current config, for the connection loop (a guard load:
+    /// no reference count taken; the request itself then takes the snapshot in `proxy`).
+    #[inline]
+    pub fn http_settings(&self) -> config::HttpSettings {
+        self.snapshot.load().http.clone()
+    }
+
     pub fn config_path(&self) -> &Path {
         &self.config_path
     }
@@ -171,11 +178,11 @@ impl Gateway {
             for b in u.backend_states() {
                 self.metrics
                     .backend_healthy
-                    .with_label_values(&[&u.name, &b.address])
+                    .with_label_values(&[&u.name, b.address])
                     .set((b.healthy && !b.ejected) as i64);
                 self.metrics
                     .backend_inflight
-                    .with_label_values(&[&u.name, &b.address])
+                    .with_label_values(&[&u.name, b.address])
                     .set(b.in_flight as i64);
             }
         }

@@ -138,7 +138,8 @@ pub enum Plan {
 }
 
 pub struct TunnelPlan {
-    request: RequestHeader,
+    /// The handshake as it goes to the upstream, serialized once.
+    request_head: Vec<u8>,
     request_id: String,
     route: String,
     upstream: Arc<Upstream>,
@@ -205,8 +206,10 @@ pub fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Plan {
     }
     forwarding::upstream_request(&mut request, client, &snap.http, &rid, &route.request_headers, true);
 
+    let mut request_head = Vec::with_capacity(512);
+    write_request_head(&request, &mut request_head);
     Plan::Tunnel(Box::new(TunnelPlan {
-        request,
+        request_head,
         request_id: rid,
         route: route.name.clone(),
         upstream,
@@ -256,9 +259,48 @@ struct Outcome {
 /// Connects, relays the handshake and pumps the tunnel until it ends, then logs it.
 /// `buf[head_len..]` holds bytes the client sent after its head.
 pub async fn run(gateway: &Gateway, plan: Box<TunnelPlan>, mut client: Stream, buf: Vec<u8>, head_len: usize) {
-    let plan = *plan;
-    let outcome = serve(gateway, &plan, &mut client, &buf[head_len..]).await;
+    let mut plan = *plan;
+    let early = buf[head_len..].to_vec();
     drop(buf);
+    let mut outcome = Outcome {
+        status: 0,
+        backend: None,
+        sent: 0,
+        received: 0,
+        upstream_ms: None,
+        error: None,
+    };
+    // The handshake runs in its own future so that none of its buffers stay alive (and part of
+    // this future's size) while the tunnel idles.
+    if let Some(open) = handshake(&mut plan, &mut client, early, &mut outcome).await {
+        let OpenTunnel {
+            pick,
+            mut upstream,
+            mut c2s,
+            mut s2c,
+        } = open;
+        let registration = gateway.tunnels.register(&plan.route, plan.upstream.backend_addr(pick.index));
+        gateway
+            .metrics
+            .tunnels_total
+            .with_label_values(&[&plan.route])
+            .inc();
+        let (up, down, end) = pump(
+            &mut client,
+            &mut upstream,
+            plan.idle_timeout,
+            &registration.handle,
+            &mut c2s,
+            &mut s2c,
+        )
+        .await;
+        drop(registration);
+        drop(pick);
+        outcome.received += up;
+        outcome.sent += down;
+        outcome.error = end.as_error();
+        tracing::debug!(route = %plan.route, ?end, "websocket tunnel ended");
+    }
     let duration = plan.started.elapsed().as_secs_f64();
     plan.metrics.observe(outcome.status, duration);
     gateway.access_log.log(&AccessRecord {
@@ -281,35 +323,44 @@ pub async fn run(gateway: &Gateway, plan: Box<TunnelPlan>, mut client: Stream, b
     });
 }
 
-async fn serve(gateway: &Gateway, plan: &TunnelPlan, client: &mut Stream, early: &[u8]) -> Outcome {
-    let mut outcome = Outcome {
-        status: 0,
-        backend: None,
-        sent: 0,
-        received: 0,
-        upstream_ms: None,
-        error: None,
-    };
+/// What a successful handshake leaves for the pump.
+struct OpenTunnel {
+    pick: Pick,
+    upstream: TcpStream,
+    c2s: FrameCursor,
+    s2c: FrameCursor,
+}
+
+/// Connects to a backend, relays the handshake, and answers the client. Returns the open
+/// tunnel on a 101; otherwise the client has its answer and `outcome` says what happened.
+async fn handshake(
+    plan: &mut TunnelPlan,
+    client: &mut Stream,
+    early: Vec<u8>,
+    outcome: &mut Outcome,
+) -> Option<OpenTunnel> {
     let (pick, mut upstream) = match connect(plan).await {
         Ok(ok) => ok,
         Err(r) => return refuse(client, r, &plan.request_id, outcome).await,
     };
-    let backend = plan.upstream.backend_addr(pick.index);
-    outcome.backend = Some(backend);
-    let peer = plan.upstream.peer(pick.index);
-    let read_timeout = peer.options.read_timeout.unwrap_or(Duration::from_secs(60));
+    outcome.backend = Some(plan.upstream.backend_addr(pick.index));
+    let read_timeout = plan
+        .upstream
+        .peer(pick.index)
+        .options
+        .read_timeout
+        .unwrap_or(Duration::from_secs(60));
     let t_upstream = Instant::now();
 
-    // Handshake: request out, response head back.
-    let mut head = Vec::with_capacity(1024);
-    write_request_head(&plan.request, &mut head);
-    head.extend_from_slice(early);
+    // Request out (with any frames the client sent early), response head back.
+    let mut head = std::mem::take(&mut plan.request_head);
+    head.extend_from_slice(&early);
     if upstream.write_all(&head).await.is_err() {
         plan.upstream.report_connect_failure(pick.index);
         return refuse(client, Reject::UpstreamUnavailable, &plan.request_id, outcome).await;
     }
     drop(head);
-    let (response, response_len, mut ubuf) = match timeout(read_timeout, read_response_head(&mut upstream)).await {
+    let (mut response, response_len, ubuf) = match timeout(read_timeout, read_response_head(&mut upstream)).await {
         Ok(Some(r)) => r,
         Ok(None) => {
             plan.upstream.report_status(pick.index, 502);
@@ -324,77 +375,63 @@ async fn serve(gateway: &Gateway, plan: &TunnelPlan, client: &mut Stream, early:
     let status = response.status.as_u16();
     outcome.status = status;
     plan.upstream.report_status(pick.index, status);
-
-    let mut response = response;
     forwarding::downstream_response(&mut response, &plan.http, &plan.request_id, &plan.response_edits);
+
+    let mut out = Vec::with_capacity(512);
     if status != 101 {
         // The backend refused the upgrade: relay its answer as a plain response and close.
         let _ = response.insert_header("connection", "close");
-        let mut out = Vec::with_capacity(512);
         write_response_head(&response, &mut out);
         out.extend_from_slice(&ubuf[response_len..]);
-        if client.write_all(&out).await.is_ok() {
+        if write_flush(client, &out).await.is_ok() {
             outcome.sent = out.len() as u64;
             let mut rest = [0u8; 1024];
             while let Ok(Ok(n)) = timeout(read_timeout, upstream.read(&mut rest)).await {
-                if n == 0 || client.write_all(&rest[..n]).await.is_err() {
+                if n == 0 || write_flush(client, &rest[..n]).await.is_err() {
                     break;
                 }
                 outcome.sent += n as u64;
             }
         }
         let _ = client.shutdown().await;
-        return outcome;
+        return None;
     }
 
     // 101: the tunnel is open. Bytes the backend sent right after its 101 (pingora #946) go
-    // out right after the head.
-    let mut out = Vec::with_capacity(512);
+    // out right behind the head.
     write_response_head(&response, &mut out);
     let early_frames = &ubuf[response_len..];
     out.extend_from_slice(early_frames);
-    if client.write_all(&out).await.is_err() {
-        return outcome;
+    if write_flush(client, &out).await.is_err() {
+        return None;
     }
+    outcome.sent = out.len() as u64;
+    outcome.received = early.len() as u64;
     let mut s2c = FrameCursor::default();
     s2c.feed(early_frames);
     let mut c2s = FrameCursor::default();
-    c2s.feed(early);
-    drop(out);
-    ubuf.clear();
-    ubuf.shrink_to(TUNNEL_BUF);
+    c2s.feed(&early);
+    Some(OpenTunnel {
+        pick,
+        upstream,
+        c2s,
+        s2c,
+    })
+}
 
-    let registration = gateway.tunnels.register(&plan.route, backend);
-    gateway
-        .metrics
-        .tunnels_total
-        .with_label_values(&[&plan.route])
-        .inc();
-    let (up, down, end) = pump(
-        client,
-        &mut upstream,
-        plan.idle_timeout,
-        &registration.handle,
-        &mut c2s,
-        &mut s2c,
-    )
-    .await;
-    drop(registration);
-    drop(pick);
-    outcome.received = up;
-    outcome.sent = down;
-    outcome.error = end.as_error();
-    tracing::debug!(route = %plan.route, ?end, "websocket tunnel ended");
-    outcome
+/// Writes to the client and flushes: Pingora's stream buffers writes.
+async fn write_flush(client: &mut Stream, data: &[u8]) -> std::io::Result<()> {
+    client.write_all(data).await?;
+    client.flush().await
 }
 
 /// Answers the handshake with a gateway error and closes.
-async fn refuse(client: &mut Stream, r: Reject, request_id: &str, mut outcome: Outcome) -> Outcome {
-    let _ = client.write_all(&r.raw_response(request_id)).await;
+async fn refuse<T>(client: &mut Stream, r: Reject, request_id: &str, outcome: &mut Outcome) -> Option<T> {
+    let _ = write_flush(client, &r.raw_response(request_id)).await;
     let _ = client.shutdown().await;
     outcome.status = r.status();
     outcome.error = Some(r.code());
-    outcome
+    None
 }
 
 /// Picks a backend and connects, trying another one after a connect failure.
@@ -570,8 +607,7 @@ async fn pump(
             // Close each direction at its next frame boundary.
             if !sent_client_close && s2c.at_boundary() {
                 sent_client_close = true;
-                let _ = client.write_all(&CLOSE_TO_CLIENT).await;
-                let _ = client.flush().await;
+                let _ = write_flush(client, &CLOSE_TO_CLIENT).await;
             }
             if !sent_upstream_close && c2s.at_boundary() {
                 sent_upstream_close = true;
@@ -625,7 +661,7 @@ async fn pump(
                         continue;
                     }
                     s2c.feed(&ubuf[..n]);
-                    if client.write_all(&ubuf[..n]).await.is_err() {
+                    if write_flush(client, &ubuf[..n]).await.is_err() {
                         break End::Error;
                     }
                 }
@@ -769,6 +805,6 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(resp.status.as_u16(), 101);
-        assert_eq!(len, 55);
+        assert_eq!(len, 56);
     }
 }

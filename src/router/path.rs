@@ -132,7 +132,7 @@ impl PathTableBuilder {
             )
         };
         let mut prefixes: Vec<_> = self.prefixes.into_iter().collect();
-        prefixes.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        prefixes.sort_unstable_by_key(|(len, _)| std::cmp::Reverse(*len));
         Ok(PathTable {
             exact: self.exact,
             prefixes,

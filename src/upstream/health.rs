@@ -68,7 +68,7 @@ pub struct HealthChecker {
 }
 
 impl HealthChecker {
-    pub fn new(source: Source) -> Self {
+    pub fn new(source: Arc<dyn Fn() -> Vec<Arc<Upstream>> + Send + Sync>) -> Self {
         Self { source }
     }
 
