@@ -30,7 +30,11 @@ impl ServeHttp for AdminApp {
         match path.as_str() {
             "/metrics" => {
                 self.gateway.refresh_backend_metrics();
-                response(200, "text/plain; version=0.0.4", self.gateway.metrics.render())
+                response(
+                    200,
+                    "text/plain; version=0.0.4",
+                    self.gateway.metrics.render(),
+                )
             }
             "/status" => {
                 let body = serde_json::to_vec_pretty(&self.gateway.status()).unwrap_or_default();

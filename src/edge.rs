@@ -51,7 +51,11 @@ enum Head {
 
 #[async_trait]
 impl ServerApp for Edge {
-    async fn process_new(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
         let _open = ConnectionGauge::new(&self.gateway.metrics.connections_active);
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
@@ -69,7 +73,10 @@ impl ServerApp for Edge {
                     let _ = stream.shutdown().await;
                     return None;
                 }
-                Head::Ready { len, websocket: true } => {
+                Head::Ready {
+                    len,
+                    websocket: true,
+                } => {
                     match tunnel::plan(&self.gateway, &buf[..len], &stream) {
                         tunnel::Plan::Tunnel(plan) => {
                             tunnel::run(&self.gateway, plan, stream, buf, len).await;
@@ -259,18 +266,30 @@ mod tests {
         }
         assert!(matches!(
             parse_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 100),
-            Parsed::Complete { websocket: false, .. }
+            Parsed::Complete {
+                websocket: false,
+                ..
+            }
         ));
-        assert!(matches!(parse_head(b"GET / HTTP/1.1\r\nHost: a\r\n", 100), Parsed::Partial));
+        assert!(matches!(
+            parse_head(b"GET / HTTP/1.1\r\nHost: a\r\n", 100),
+            Parsed::Partial
+        ));
         assert!(matches!(
             parse_head(b"GET / HTTP/1.1\r\na: 1\r\nb: 2\r\nc: 3\r\n\r\n", 2),
             Parsed::TooManyHeaders
         ));
-        assert!(matches!(parse_head(b"GET / HTTP/1.1\r\nbad header\r\n\r\n", 100), Parsed::Invalid));
+        assert!(matches!(
+            parse_head(b"GET / HTTP/1.1\r\nbad header\r\n\r\n", 100),
+            Parsed::Invalid
+        ));
         // POST with Upgrade is not a WebSocket handshake.
         assert!(matches!(
             parse_head(b"POST / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n", 100),
-            Parsed::Complete { websocket: false, .. }
+            Parsed::Complete {
+                websocket: false,
+                ..
+            }
         ));
     }
 }

@@ -76,7 +76,11 @@ pub fn upstream_request(
 
     if let Some(ip) = client.ip {
         let ip_text = ip.to_string();
-        let xff = match req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        let xff = match req
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
             Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip_text}"),
             _ => ip_text.clone(),
         };
@@ -88,7 +92,9 @@ pub fn upstream_request(
             };
             let mut element = format!("for={node};proto={}", client.proto);
             if let Some(h) = &host {
-                if h.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b';' && b != b',') {
+                if h.bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b';' && b != b',')
+                {
                     element.push_str(";host=");
                     element.push_str(h);
                 }
@@ -179,25 +185,46 @@ mod tests {
             ip: Some("192.0.2.7".parse().unwrap()),
             proto: "http",
         };
-        upstream_request(&mut r, client, &HttpSettings::default(), "rid", &HeaderEdits::default(), false);
+        upstream_request(
+            &mut r,
+            client,
+            &HttpSettings::default(),
+            "rid",
+            &HeaderEdits::default(),
+            false,
+        );
         for h in ["connection", "x-secret-hop", "keep-alive", "te"] {
             assert!(!r.headers.contains_key(h), "{h} should be gone");
         }
         assert_eq!(r.headers["x-forwarded-for"], "10.1.1.1, 192.0.2.7");
         assert_eq!(r.headers["x-forwarded-proto"], "http");
         assert_eq!(r.headers["x-forwarded-host"], "api.test");
-        assert_eq!(r.headers["forwarded"], "for=192.0.2.7;proto=http;host=api.test");
+        assert_eq!(
+            r.headers["forwarded"],
+            "for=192.0.2.7;proto=http;host=api.test"
+        );
         assert_eq!(r.headers["x-request-id"], "rid");
     }
 
     #[test]
     fn websocket_handshakes_keep_upgrade() {
-        let mut r = request(&[("host", "h"), ("connection", "Upgrade"), ("upgrade", "websocket")]);
+        let mut r = request(&[
+            ("host", "h"),
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
         let client = Client {
             ip: Some("::1".parse().unwrap()),
             proto: "http",
         };
-        upstream_request(&mut r, client, &HttpSettings::default(), "rid", &HeaderEdits::default(), true);
+        upstream_request(
+            &mut r,
+            client,
+            &HttpSettings::default(),
+            "rid",
+            &HeaderEdits::default(),
+            true,
+        );
         assert_eq!(r.headers["upgrade"], "websocket");
         assert_eq!(r.headers["connection"], "Upgrade");
         assert_eq!(r.headers["forwarded"], "for=\"[::1]\";proto=http;host=h");

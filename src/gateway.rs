@@ -54,21 +54,27 @@ pub struct Status {
 
 impl Gateway {
     /// Compiles the first snapshot. Errors are located in the config file.
-    pub fn start(config_path: &Path, loaded: config::Loaded) -> Result<Arc<Gateway>, Vec<ConfigError>> {
+    pub fn start(
+        config_path: &Path,
+        loaded: config::Loaded,
+    ) -> Result<Arc<Gateway>, Vec<ConfigError>> {
         let metrics = Metrics::new();
         let registry = Registry::new();
         let snap = snapshot::compile(&loaded.config, &registry, &metrics, 1)
             .map_err(|e| loaded.locate(&e))?;
-        let access_log = AccessLog::start(&loaded.config.access_log, metrics.access_log_dropped.clone())
-            .map_err(|e| {
-                vec![ConfigError {
-                    file: loaded.source.file.clone(),
-                    line: 0,
-                    column: 0,
-                    path: "access_log.path".into(),
-                    message: format!("cannot open `{}`: {e}", loaded.config.access_log.path),
-                }]
-            })?;
+        let access_log = AccessLog::start(
+            &loaded.config.access_log,
+            metrics.access_log_dropped.clone(),
+        )
+        .map_err(|e| {
+            vec![ConfigError {
+                file: loaded.source.file.clone(),
+                line: 0,
+                column: 0,
+                path: "access_log.path".into(),
+                message: format!("cannot open `{}`: {e}", loaded.config.access_log.path),
+            }]
+        })?;
         metrics.generation.set(1);
         let tunnels = TunnelRegistry::new(metrics.tunnels_active.clone());
         Ok(Arc::new(Gateway {
@@ -150,7 +156,10 @@ impl Gateway {
             Err(errors) => {
                 self.metrics.reloads.with_label_values(&["error"]).inc();
                 for e in &errors {
-                    tracing::error!("config reload refused, still serving generation {}: {e}", generation - 1);
+                    tracing::error!(
+                        "config reload refused, still serving generation {}: {e}",
+                        generation - 1
+                    );
                 }
                 state.last_error = Some(errors.clone());
                 Err(errors)
@@ -164,7 +173,9 @@ impl Gateway {
             generation: self.snapshot.load().generation,
             config_path: self.config_path.display().to_string(),
             last_error: state.last_error.clone(),
-            last_reload: state.last_reload.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+            last_reload: state
+                .last_reload
+                .map(|t| humantime::format_rfc3339_millis(t).to_string()),
             websocket_tunnels: self.tunnels.len(),
         }
     }
@@ -240,7 +251,8 @@ impl ConfigWatcher {
 #[async_trait]
 impl BackgroundService for ConfigWatcher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::error!("cannot listen for SIGHUP: {e}");
@@ -252,7 +264,10 @@ impl BackgroundService for ConfigWatcher {
         loop {
             let (watch, interval) = {
                 let s = self.gateway.state.lock().unwrap_or_else(|p| p.into_inner());
-                (s.applied.reload.watch, s.applied.reload.watch_interval.get())
+                (
+                    s.applied.reload.watch,
+                    s.applied.reload.watch_interval.get(),
+                )
             };
             tokio::select! {
                 _ = shutdown.changed() => return,

@@ -27,7 +27,12 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     /// The gateway config file.
-    #[arg(short = 'c', long = "conf", global = true, default_value = "conf/tollgate.yaml")]
+    #[arg(
+        short = 'c',
+        long = "conf",
+        global = true,
+        default_value = "conf/tollgate.yaml"
+    )]
     conf: PathBuf,
     /// Take over the listening sockets of a running tollgate (binary upgrade).
     #[arg(short = 'u', long)]

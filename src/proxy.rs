@@ -80,11 +80,18 @@ async fn write_json_error(session: &mut Session, r: Reject, request_id: &str) {
     let _ = resp.insert_header("content-type", "application/json");
     let _ = resp.insert_header("content-length", body.len());
     let _ = resp.insert_header(X_REQUEST_ID, request_id);
-    if matches!(r, Reject::BodyTooLarge | Reject::BadRequest | Reject::BodyTimeout) {
+    if matches!(
+        r,
+        Reject::BodyTooLarge | Reject::BadRequest | Reject::BodyTimeout
+    ) {
         // The rest of the body was not read: the connection cannot be reused.
         session.set_keepalive(None);
     }
-    if session.write_response_header(Box::new(resp), false).await.is_ok() {
+    if session
+        .write_response_header(Box::new(resp), false)
+        .await
+        .is_ok()
+    {
         let _ = session.write_response_body(Some(body), true).await;
     }
 }
@@ -118,10 +125,23 @@ impl ProxyHttp for Proxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let snap = self.gateway.current();
-        ctx.request_id = request_id(session.req_header().headers.get(X_REQUEST_ID).map(|v| v.as_bytes()));
+        ctx.request_id = request_id(
+            session
+                .req_header()
+                .headers
+                .get(X_REQUEST_ID)
+                .map(|v| v.as_bytes()),
+        );
         ctx.client = Client {
-            ip: session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()),
-            proto: if session.digest().and_then(|d| d.ssl_digest.as_ref()).is_some() {
+            ip: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+            proto: if session
+                .digest()
+                .and_then(|d| d.ssl_digest.as_ref())
+                .is_some()
+            {
                 "https"
             } else {
                 "http"
@@ -158,7 +178,11 @@ impl ProxyHttp for Proxy {
                     .and_then(|u| u.hash_key(req, ctx.client.ip));
                 return Ok(false);
             }
-            Action::Respond { status, body, headers } => {
+            Action::Respond {
+                status,
+                body,
+                headers,
+            } => {
                 let mut resp = ResponseHeader::build(*status, Some(headers.len() + 2))?;
                 for (k, v) in headers {
                     resp.append_header(k.clone(), v.clone())?;
@@ -174,9 +198,16 @@ impl ProxyHttp for Proxy {
             }
         };
         let (mut resp, body) = response;
-        forwarding::downstream_response(&mut resp, &snap.http, &ctx.request_id, &route.response_headers);
+        forwarding::downstream_response(
+            &mut resp,
+            &snap.http,
+            &ctx.request_id,
+            &route.response_headers,
+        );
         let head_only = body.is_empty();
-        session.write_response_header(Box::new(resp), head_only).await?;
+        session
+            .write_response_header(Box::new(resp), head_only)
+            .await?;
         if !head_only {
             session.write_response_body(Some(body), true).await?;
         }
@@ -206,7 +237,10 @@ impl ProxyHttp for Proxy {
                     Reject::UpstreamUnavailable
                 };
                 ctx.reject = Some(r);
-                Err(Error::explain(ErrorType::HTTPStatus(r.status()), r.message()))
+                Err(Error::explain(
+                    ErrorType::HTTPStatus(r.status()),
+                    r.message(),
+                ))
             }
         }
     }
@@ -223,7 +257,8 @@ impl ProxyHttp for Proxy {
                 upstream.report_connect_failure(i);
                 ctx.tried.push(i);
                 ctx.pick = None;
-                if ctx.tried.len() <= upstream.retries() && idempotent(&session.req_header().method) {
+                if ctx.tried.len() <= upstream.retries() && idempotent(&session.req_header().method)
+                {
                     e.set_retry(true);
                 }
             }
@@ -248,9 +283,13 @@ impl ProxyHttp for Proxy {
                     Some(q) => format!("{new_path}?{q}"),
                     None => new_path.into_owned(),
                 };
-                let uri = uri
-                    .parse::<http::Uri>()
-                    .map_err(|e| Error::because(ErrorType::InternalError, "rewritten path is not a valid URI", e))?;
+                let uri = uri.parse::<http::Uri>().map_err(|e| {
+                    Error::because(
+                        ErrorType::InternalError,
+                        "rewritten path is not a valid URI",
+                        e,
+                    )
+                })?;
                 upstream_request.set_uri(uri);
             }
         }
@@ -276,7 +315,10 @@ impl ProxyHttp for Proxy {
             ctx.body_seen += b.len() as u64;
             if ctx.body_seen > ctx.max_body {
                 ctx.reject = Some(Reject::BodyTooLarge);
-                return Err(Error::explain(ErrorType::HTTPStatus(413), "request body too large"));
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(413),
+                    "request body too large",
+                ));
             }
         }
         Ok(())
@@ -355,7 +397,10 @@ impl ProxyHttp for Proxy {
         }
         let req = session.req_header();
         let upstream = ctx.route.and_then(|i| snap.upstream_of(i));
-        let error = ctx.reject.map(|r| r.code()).or_else(|| e.map(|_| "proxy_error"));
+        let error = ctx
+            .reject
+            .map(|r| r.code())
+            .or_else(|| e.map(|_| "proxy_error"));
         self.gateway.access_log.log(&AccessRecord {
             time: now_rfc3339(),
             request_id: &ctx.request_id,
@@ -392,8 +437,12 @@ fn classify(e: &Error) -> Reject {
         HTTPStatus(s) if *s >= 500 => Reject::UpstreamUnavailable,
         HTTPStatus(_) => Reject::BadRequest,
         ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError | TLSHandshakeFailure
-        | TLSHandshakeTimedout | ConnectProxyFailure | SocketError | BindError => Reject::UpstreamUnavailable,
-        ReadTimedout | WriteTimedout if e.esource() == &ErrorSource::Upstream => Reject::UpstreamTimeout,
+        | TLSHandshakeTimedout | ConnectProxyFailure | SocketError | BindError => {
+            Reject::UpstreamUnavailable
+        }
+        ReadTimedout | WriteTimedout if e.esource() == &ErrorSource::Upstream => {
+            Reject::UpstreamTimeout
+        }
         ReadTimedout if e.esource() == &ErrorSource::Downstream => Reject::BodyTimeout,
         InvalidHTTPHeader | H1Error | H2Error | InvalidH2 => {
             if e.esource() == &ErrorSource::Downstream {

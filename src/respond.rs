@@ -106,8 +106,7 @@ pub fn request_id(incoming: Option<&[u8]>) -> String {
     if let Some(v) = incoming {
         if !v.is_empty()
             && v.len() <= 128
-            && v
-                .iter()
+            && v.iter()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
         {
             // Checked ASCII above.
@@ -128,8 +127,14 @@ mod tests {
         assert_eq!(v["error"], "no_route");
         assert_eq!(v["request_id"], "abc");
         let raw = String::from_utf8(Reject::HeadersTooLarge.raw_response("id1")).unwrap();
-        assert!(raw.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"), "{raw}");
-        assert!(raw.contains(&format!("content-length: {}\r\n", Reject::HeadersTooLarge.body("id1").len())));
+        assert!(
+            raw.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+            "{raw}"
+        );
+        assert!(raw.contains(&format!(
+            "content-length: {}\r\n",
+            Reject::HeadersTooLarge.body("id1").len()
+        )));
     }
 
     #[test]

@@ -92,7 +92,10 @@ pub fn compile(
                                 Ok(s) => binding.subsets.push(s),
                                 Err(msg) => {
                                     let field = if t < n_rules {
-                                        error::join(&error::index(&error::join(&path, "split"), t), "labels")
+                                        error::join(
+                                            &error::index(&error::join(&path, "split"), t),
+                                            "labels",
+                                        )
                                     } else {
                                         error::join(&path, "labels")
                                     };
@@ -110,7 +113,11 @@ pub fn compile(
                             error::join(&path, "upstream"),
                             format!(
                                 "unknown upstream `{upstream}`; defined upstreams: {}",
-                                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                                if known.is_empty() {
+                                    "none".to_string()
+                                } else {
+                                    known.join(", ")
+                                }
                             ),
                         ));
                     }

@@ -90,7 +90,10 @@ impl TunnelRegistry {
         });
         self.lock().insert(handle.id, handle.clone());
         self.gauge.inc();
-        Registration { registry: self, handle }
+        Registration {
+            registry: self,
+            handle,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<TunnelHandle>>> {
@@ -166,9 +169,18 @@ pub fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Plan {
         ip: client_stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip())),
-        proto: if client_stream.get_ssl_digest().is_some() { "https" } else { "http" },
+        proto: if client_stream.get_ssl_digest().is_some() {
+            "https"
+        } else {
+            "http"
+        },
     };
-    let rid = request_id(request.headers.get(forwarding::X_REQUEST_ID).map(|v| v.as_bytes()));
+    let rid = request_id(
+        request
+            .headers
+            .get(forwarding::X_REQUEST_ID)
+            .map(|v| v.as_bytes()),
+    );
     let head_view = RequestHead::from_parts(&request);
     let Some(route) = snap.router.find(&head_view) else {
         return Plan::Http;
@@ -204,7 +216,14 @@ pub fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Plan {
             Err(_) => return Plan::Reject(Reject::BadRequest, rid),
         }
     }
-    forwarding::upstream_request(&mut request, client, &snap.http, &rid, &route.request_headers, true);
+    forwarding::upstream_request(
+        &mut request,
+        client,
+        &snap.http,
+        &rid,
+        &route.request_headers,
+        true,
+    );
 
     let mut request_head = Vec::with_capacity(512);
     write_request_head(&request, &mut request_head);
@@ -237,7 +256,8 @@ fn build_request(head: &[u8]) -> Option<RequestHeader> {
     if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
         return None;
     }
-    let mut out = RequestHeader::build(req.method?, req.path?.as_bytes(), Some(req.headers.len())).ok()?;
+    let mut out =
+        RequestHeader::build(req.method?, req.path?.as_bytes(), Some(req.headers.len())).ok()?;
     for h in req.headers.iter() {
         out.append_header(h.name.to_string(), h.value).ok()?;
     }
@@ -258,7 +278,13 @@ struct Outcome {
 
 /// Connects, relays the handshake and pumps the tunnel until it ends, then logs it.
 /// `buf[head_len..]` holds bytes the client sent after its head.
-pub async fn run(gateway: &Gateway, plan: Box<TunnelPlan>, mut client: Stream, buf: Vec<u8>, head_len: usize) {
+pub async fn run(
+    gateway: &Gateway,
+    plan: Box<TunnelPlan>,
+    mut client: Stream,
+    buf: Vec<u8>,
+    head_len: usize,
+) {
     let mut plan = *plan;
     let early = buf[head_len..].to_vec();
     drop(buf);
@@ -279,7 +305,9 @@ pub async fn run(gateway: &Gateway, plan: Box<TunnelPlan>, mut client: Stream, b
             mut c2s,
             mut s2c,
         } = open;
-        let registration = gateway.tunnels.register(&plan.route, plan.upstream.backend_addr(pick.index));
+        let registration = gateway
+            .tunnels
+            .register(&plan.route, plan.upstream.backend_addr(pick.index));
         gateway
             .metrics
             .tunnels_total
@@ -357,25 +385,43 @@ async fn handshake(
     head.extend_from_slice(&early);
     if upstream.write_all(&head).await.is_err() {
         plan.upstream.report_connect_failure(pick.index);
-        return refuse(client, Reject::UpstreamUnavailable, &plan.request_id, outcome).await;
+        return refuse(
+            client,
+            Reject::UpstreamUnavailable,
+            &plan.request_id,
+            outcome,
+        )
+        .await;
     }
     drop(head);
-    let (mut response, response_len, ubuf) = match timeout(read_timeout, read_response_head(&mut upstream)).await {
-        Ok(Some(r)) => r,
-        Ok(None) => {
-            plan.upstream.report_status(pick.index, 502);
-            return refuse(client, Reject::UpstreamUnavailable, &plan.request_id, outcome).await;
-        }
-        Err(_) => {
-            plan.upstream.report_status(pick.index, 504);
-            return refuse(client, Reject::UpstreamTimeout, &plan.request_id, outcome).await;
-        }
-    };
+    let (mut response, response_len, ubuf) =
+        match timeout(read_timeout, read_response_head(&mut upstream)).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                plan.upstream.report_status(pick.index, 502);
+                return refuse(
+                    client,
+                    Reject::UpstreamUnavailable,
+                    &plan.request_id,
+                    outcome,
+                )
+                .await;
+            }
+            Err(_) => {
+                plan.upstream.report_status(pick.index, 504);
+                return refuse(client, Reject::UpstreamTimeout, &plan.request_id, outcome).await;
+            }
+        };
     outcome.upstream_ms = Some(t_upstream.elapsed().as_secs_f64() * 1e3);
     let status = response.status.as_u16();
     outcome.status = status;
     plan.upstream.report_status(pick.index, status);
-    forwarding::downstream_response(&mut response, &plan.http, &plan.request_id, &plan.response_edits);
+    forwarding::downstream_response(
+        &mut response,
+        &plan.http,
+        &plan.request_id,
+        &plan.response_edits,
+    );
 
     let mut out = Vec::with_capacity(512);
     if status != 101 {
@@ -426,7 +472,12 @@ async fn write_flush(client: &mut Stream, data: &[u8]) -> std::io::Result<()> {
 }
 
 /// Answers the handshake with a gateway error and closes.
-async fn refuse<T>(client: &mut Stream, r: Reject, request_id: &str, outcome: &mut Outcome) -> Option<T> {
+async fn refuse<T>(
+    client: &mut Stream,
+    r: Reject,
+    request_id: &str,
+    outcome: &mut Outcome,
+) -> Option<T> {
     let _ = write_flush(client, &r.raw_response(request_id)).await;
     let _ = client.shutdown().await;
     outcome.status = r.status();
@@ -448,7 +499,10 @@ async fn connect(plan: &TunnelPlan) -> Result<(Pick, TcpStream), Reject> {
         };
         let addr = plan.upstream.backend_addr(pick.index);
         let peer = plan.upstream.peer(pick.index);
-        let connect_timeout = peer.options.connection_timeout.unwrap_or(Duration::from_secs(5));
+        let connect_timeout = peer
+            .options
+            .connection_timeout
+            .unwrap_or(Duration::from_secs(5));
         match timeout(connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
@@ -770,7 +824,13 @@ mod tests {
 
     #[test]
     fn frame_cursor_tracks_boundaries_across_reads() {
-        for (masked, len) in [(false, 0), (true, 5), (false, 125), (true, 126), (false, 70_000)] {
+        for (masked, len) in [
+            (false, 0),
+            (true, 5),
+            (false, 125),
+            (true, 126),
+            (false, 70_000),
+        ] {
             let f = frame(masked, len);
             // Every split point of two frames back to back.
             let mut two = f.clone();
@@ -778,7 +838,11 @@ mod tests {
             for cut in [1, 2, 3, f.len() - 1, f.len(), f.len() + 1] {
                 let mut c = FrameCursor::default();
                 c.feed(&two[..cut.min(two.len())]);
-                assert_eq!(c.at_boundary(), cut == f.len(), "masked={masked} len={len} cut={cut}");
+                assert_eq!(
+                    c.at_boundary(),
+                    cut == f.len(),
+                    "masked={masked} len={len} cut={cut}"
+                );
                 c.feed(&two[cut.min(two.len())..]);
                 assert!(c.at_boundary());
             }
@@ -795,15 +859,18 @@ mod tests {
 
     #[test]
     fn handshake_heads_round_trip() {
-        let req = build_request(b"GET /ws?a=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n").unwrap();
+        let req = build_request(b"GET /ws?a=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n")
+            .unwrap();
         let mut out = Vec::new();
         write_request_head(&req, &mut out);
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("GET /ws?a=1 HTTP/1.1\r\n"), "{text}");
         assert!(text.contains("upgrade: websocket\r\n"), "{text}");
-        let (resp, len) = parse_response(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x00")
-            .unwrap()
-            .unwrap();
+        let (resp, len) = parse_response(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x00",
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(resp.status.as_u16(), 101);
         assert_eq!(len, 56);
     }

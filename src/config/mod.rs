@@ -128,7 +128,10 @@ fn parse(text: &str, errors: &mut Vec<Located>) -> Config {
 
     for (key, value) in map {
         let Some(name) = key.as_str() else {
-            errors.push(Located::Value(FieldError::new("", "section names must be strings")));
+            errors.push(Located::Value(FieldError::new(
+                "",
+                "section names must be strings",
+            )));
             continue;
         };
         match name {
@@ -142,7 +145,10 @@ fn parse(text: &str, errors: &mut Vec<Located>) -> Config {
             "routes" => config.routes = routes(value, errors),
             other => errors.push(Located::Key(FieldError::new(
                 other,
-                format!("unknown section `{other}`; expected one of {}", SECTIONS.join(", ")),
+                format!(
+                    "unknown section `{other}`; expected one of {}",
+                    SECTIONS.join(", ")
+                ),
             ))),
         }
     }
@@ -195,7 +201,10 @@ fn upstreams(value: Value, errors: &mut Vec<Located>) -> BTreeMap<String, Upstre
     };
     for (key, v) in map {
         let Some(name) = key.as_str().map(str::to_string) else {
-            errors.push(Located::Value(FieldError::new("upstreams", "upstream names must be strings")));
+            errors.push(Located::Value(FieldError::new(
+                "upstreams",
+                "upstream names must be strings",
+            )));
             continue;
         };
         match item::<Upstream>(&error::join("upstreams", &name), v) {
@@ -211,7 +220,10 @@ fn upstreams(value: Value, errors: &mut Vec<Located>) -> BTreeMap<String, Upstre
 fn routes(value: Value, errors: &mut Vec<Located>) -> Vec<Route> {
     let Value::Sequence(list) = value else {
         if !value.is_null() {
-            errors.push(Located::Value(FieldError::new("routes", "expected a list of routes")));
+            errors.push(Located::Value(FieldError::new(
+                "routes",
+                "expected a list of routes",
+            )));
         }
         return Vec::new();
     };
@@ -227,11 +239,13 @@ fn routes(value: Value, errors: &mut Vec<Located>) -> Vec<Route> {
 
 /// Checks of the settings Pingora takes at start (listeners, admin, server).
 fn check_process_settings(config: &Config, errors: &mut Vec<Located>) {
-    let mut err = |path: String, msg: String| errors.push(Located::Value(FieldError::new(path, msg)));
+    let mut err =
+        |path: String, msg: String| errors.push(Located::Value(FieldError::new(path, msg)));
     if config.listeners.is_empty() {
         err(
             "listeners".into(),
-            "at least one listener is needed, e.g. `- { name: web, address: \"0.0.0.0:8080\" }`".into(),
+            "at least one listener is needed, e.g. `- { name: web, address: \"0.0.0.0:8080\" }`"
+                .into(),
         );
     }
     let mut names = HashSet::new();
@@ -239,17 +253,26 @@ fn check_process_settings(config: &Config, errors: &mut Vec<Located>) {
     for (i, l) in config.listeners.iter().enumerate() {
         let path = error::index("listeners", i);
         if !names.insert(l.name.as_str()) {
-            err(error::join(&path, "name"), format!("duplicate listener name `{}`", l.name));
+            err(
+                error::join(&path, "name"),
+                format!("duplicate listener name `{}`", l.name),
+            );
         }
         match l.address.parse::<SocketAddr>() {
             Ok(a) => {
                 if !addresses.insert(a) {
-                    err(error::join(&path, "address"), format!("address {a} is used twice"));
+                    err(
+                        error::join(&path, "address"),
+                        format!("address {a} is used twice"),
+                    );
                 }
             }
             Err(_) => err(
                 error::join(&path, "address"),
-                format!("`{}` is not an IP:port address, e.g. 0.0.0.0:8080 or [::]:8080", l.address),
+                format!(
+                    "`{}` is not an IP:port address, e.g. 0.0.0.0:8080 or [::]:8080",
+                    l.address
+                ),
             ),
         }
     }
@@ -261,7 +284,10 @@ fn check_process_settings(config: &Config, errors: &mut Vec<Located>) {
         Ok(_) => {}
         Err(_) => err(
             "admin.address".into(),
-            format!("`{}` is not an IP:port address, e.g. 127.0.0.1:9090", config.admin.address),
+            format!(
+                "`{}` is not an IP:port address, e.g. 127.0.0.1:9090",
+                config.admin.address
+            ),
         ),
     }
     if config.server.threads == 0 {
@@ -320,16 +346,38 @@ mod tests {
         );
         assert_eq!(errs.len(), 4, "{errs:#?}");
         assert!(errs.iter().any(|e| e.starts_with("t.yaml:5:") && e.contains("upstreams.app.timeouts.connect")), "{errs:#?}");
-        assert!(errs.iter().any(|e| e.starts_with("t.yaml:8:") && e.contains("routes[0].match") && e.contains("path_prefx")), "{errs:#?}");
-        assert!(errs.iter().any(|e| e.starts_with("t.yaml:10:") && e.contains("routes[1]") && e.contains("bogus")), "{errs:#?}");
-        assert!(errs.iter().any(|e| e.starts_with("t.yaml:11:1") && e.contains("unknown section `colour`")), "{errs:#?}");
+        assert!(
+            errs.iter().any(|e| e.starts_with("t.yaml:8:")
+                && e.contains("routes[0].match")
+                && e.contains("path_prefx")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.starts_with("t.yaml:10:")
+                && e.contains("routes[1]")
+                && e.contains("bogus")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("t.yaml:11:1") && e.contains("unknown section `colour`")),
+            "{errs:#?}"
+        );
     }
 
     #[test]
     fn listener_addresses_are_checked() {
         let errs = errors_of("listeners: [{ name: web, address: \"localhost\" }, { name: web, address: \"1.2.3.4:1\" }]\n");
-        assert!(errs.iter().any(|e| e.contains("listeners[0].address") && e.contains("not an IP:port")), "{errs:#?}");
-        assert!(errs.iter().any(|e| e.contains("listeners[1].name") && e.contains("duplicate")), "{errs:#?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("listeners[0].address") && e.contains("not an IP:port")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("listeners[1].name") && e.contains("duplicate")),
+            "{errs:#?}"
+        );
     }
 
     #[test]
@@ -339,6 +387,10 @@ mod tests {
              upstreams:\n  app: { backends: [{ address: \"127.0.0.1:9000\", weight: heavy }] }\n",
         );
         assert_eq!(errs.len(), 1, "{errs:#?}");
-        assert!(errs[0].starts_with("t.yaml:3:") && errs[0].contains("upstreams.app.backends[0].weight"), "{errs:#?}");
+        assert!(
+            errs[0].starts_with("t.yaml:3:")
+                && errs[0].contains("upstreams.app.backends[0].weight"),
+            "{errs:#?}"
+        );
     }
 }

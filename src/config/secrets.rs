@@ -88,7 +88,8 @@ mod tests {
     #[test]
     fn missing_references_name_the_field_not_the_value() {
         let mut v: Value =
-            serde_yaml::from_str("k: { t: \"${env:TOLLGATE_SURELY_UNSET}\", u: \"${vault:x}\" }").unwrap();
+            serde_yaml::from_str("k: { t: \"${env:TOLLGATE_SURELY_UNSET}\", u: \"${vault:x}\" }")
+                .unwrap();
         let mut errs = Vec::new();
         expand(&mut v, "", &mut errs);
         assert_eq!(errs.len(), 2);

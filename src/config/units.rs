@@ -26,9 +26,11 @@ impl<'de> Deserialize<'de> for Dur {
                 f.write_str("a duration such as 250ms, 5s, 1h or 1h30m")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Dur, E> {
-                humantime::parse_duration(s.trim())
-                    .map(Dur)
-                    .map_err(|_| E::custom(format!("`{s}` is not a duration; expected e.g. 250ms, 5s, 1h or 1h30m")))
+                humantime::parse_duration(s.trim()).map(Dur).map_err(|_| {
+                    E::custom(format!(
+                        "`{s}` is not a duration; expected e.g. 250ms, 5s, 1h or 1h30m"
+                    ))
+                })
             }
             fn visit_u64<E: de::Error>(self, _: u64) -> Result<Dur, E> {
                 Err(E::custom("a duration needs a unit, e.g. 5s or 250ms"))
@@ -60,7 +62,12 @@ impl ByteSize {
             b'g' => (&lower[..lower.len() - 1], 1 << 30),
             _ => (lower, 1),
         };
-        digits.trim().parse::<u64>().ok()?.checked_mul(mult).map(ByteSize)
+        digits
+            .trim()
+            .parse::<u64>()
+            .ok()?
+            .checked_mul(mult)
+            .map(ByteSize)
     }
 }
 
@@ -73,8 +80,11 @@ impl<'de> Deserialize<'de> for ByteSize {
                 f.write_str("a size such as 512, 16k, 10m or 1g")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<ByteSize, E> {
-                ByteSize::parse(s)
-                    .ok_or_else(|| E::custom(format!("`{s}` is not a size; expected e.g. 512, 16k, 10m or 1g")))
+                ByteSize::parse(s).ok_or_else(|| {
+                    E::custom(format!(
+                        "`{s}` is not a size; expected e.g. 512, 16k, 10m or 1g"
+                    ))
+                })
             }
             fn visit_u64<E: de::Error>(self, n: u64) -> Result<ByteSize, E> {
                 Ok(ByteSize(n))

@@ -49,7 +49,10 @@ pub struct AccessLog {
 
 impl AccessLog {
     /// Starts the writer for `cfg`. Fails if the log file cannot be opened.
-    pub fn start(cfg: &config::AccessLog, dropped: prometheus::IntCounter) -> io::Result<AccessLog> {
+    pub fn start(
+        cfg: &config::AccessLog,
+        dropped: prometheus::IntCounter,
+    ) -> io::Result<AccessLog> {
         let out = open(cfg)?;
         let (tx, rx) = sync_channel(QUEUE);
         std::thread::Builder::new()
@@ -98,7 +101,10 @@ fn open(cfg: &config::AccessLog) -> io::Result<Box<dyn Write + Send>> {
     } else if cfg.path == "stderr" {
         Ok(Box::new(io::stderr()))
     } else {
-        let f = OpenOptions::new().create(true).append(true).open(&cfg.path)?;
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&cfg.path)?;
         Ok(Box::new(f))
     }
 }
@@ -124,7 +130,9 @@ fn handle(out: &mut BufWriter<Box<dyn Write + Send>>, msg: Msg) {
             let _ = out.flush();
             match open(&cfg) {
                 Ok(w) => *out = BufWriter::with_capacity(64 * 1024, w),
-                Err(e) => tracing::error!(path = %cfg.path, error = %e, "cannot open access log; keeping the old one"),
+                Err(e) => {
+                    tracing::error!(path = %cfg.path, error = %e, "cannot open access log; keeping the old one")
+                }
             }
         }
     }

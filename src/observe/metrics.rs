@@ -49,7 +49,10 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("tollgate_requests_total", "Requests answered, by route, upstream and status class"),
+            Opts::new(
+                "tollgate_requests_total",
+                "Requests answered, by route, upstream and status class",
+            ),
             &["route", "upstream", "status"],
         )
         .expect("valid metric");
@@ -63,31 +66,50 @@ impl Metrics {
         )
         .expect("valid metric");
         let connections_active =
-            IntGauge::new("tollgate_connections_active", "Open downstream connections").expect("valid metric");
-        let tunnels_active =
-            IntGauge::new("tollgate_websocket_tunnels_active", "Open WebSocket tunnels").expect("valid metric");
+            IntGauge::new("tollgate_connections_active", "Open downstream connections")
+                .expect("valid metric");
+        let tunnels_active = IntGauge::new(
+            "tollgate_websocket_tunnels_active",
+            "Open WebSocket tunnels",
+        )
+        .expect("valid metric");
         let tunnels_total = IntCounterVec::new(
-            Opts::new("tollgate_websocket_tunnels_total", "WebSocket tunnels opened, by route"),
+            Opts::new(
+                "tollgate_websocket_tunnels_total",
+                "WebSocket tunnels opened, by route",
+            ),
             &["route"],
         )
         .expect("valid metric");
         let backend_healthy = IntGaugeVec::new(
-            Opts::new("tollgate_backend_healthy", "1 when the backend takes traffic (healthy and not ejected)"),
+            Opts::new(
+                "tollgate_backend_healthy",
+                "1 when the backend takes traffic (healthy and not ejected)",
+            ),
             &["upstream", "backend"],
         )
         .expect("valid metric");
         let backend_inflight = IntGaugeVec::new(
-            Opts::new("tollgate_backend_inflight", "Requests and tunnels in flight per backend"),
+            Opts::new(
+                "tollgate_backend_inflight",
+                "Requests and tunnels in flight per backend",
+            ),
             &["upstream", "backend"],
         )
         .expect("valid metric");
         let reloads = IntCounterVec::new(
-            Opts::new("tollgate_config_reloads_total", "Config reloads by result (ok, error)"),
+            Opts::new(
+                "tollgate_config_reloads_total",
+                "Config reloads by result (ok, error)",
+            ),
             &["result"],
         )
         .expect("valid metric");
-        let generation =
-            IntGauge::new("tollgate_config_generation", "Generation of the config being served").expect("valid metric");
+        let generation = IntGauge::new(
+            "tollgate_config_generation",
+            "Generation of the config being served",
+        )
+        .expect("valid metric");
         let access_log_dropped = IntCounter::new(
             "tollgate_access_log_dropped_total",
             "Access log lines dropped because the writer fell behind",
@@ -169,8 +191,17 @@ mod tests {
         r.observe(503, 0.02);
         r.observe(204, 0.01);
         let text = String::from_utf8(m.render()).unwrap();
-        assert!(text.contains(r#"tollgate_requests_total{route="api",status="2xx",upstream="app"} 2"#), "{text}");
-        assert!(text.contains(r#"tollgate_requests_total{route="api",status="5xx",upstream="app"} 1"#), "{text}");
-        assert!(text.contains(r#"tollgate_request_duration_seconds_count{route="api"} 3"#), "{text}");
+        assert!(
+            text.contains(r#"tollgate_requests_total{route="api",status="2xx",upstream="app"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tollgate_requests_total{route="api",status="5xx",upstream="app"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tollgate_request_duration_seconds_count{route="api"} 3"#),
+            "{text}"
+        );
     }
 }
