@@ -195,7 +195,7 @@ pub fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Plan {
     let Some(upstream) = snap.upstream_of(route.index).cloned() else {
         return Plan::Http;
     };
-    if upstream.peer(0).is_tls() {
+    if upstream.is_tls() {
         // TLS to the backend: Pingora's own tunnel handles it (at its memory cost).
         return Plan::Http;
     }
@@ -374,9 +374,8 @@ async fn handshake(
     outcome.backend = Some(plan.upstream.backend_addr(pick.index));
     let read_timeout = plan
         .upstream
-        .peer(pick.index)
-        .options
-        .read_timeout
+        .timeouts(pick.index)
+        .1
         .unwrap_or(Duration::from_secs(60));
     let t_upstream = Instant::now();
 
@@ -498,10 +497,10 @@ async fn connect(plan: &TunnelPlan) -> Result<(Pick, TcpStream), Reject> {
             });
         };
         let addr = plan.upstream.backend_addr(pick.index);
-        let peer = plan.upstream.peer(pick.index);
-        let connect_timeout = peer
-            .options
-            .connection_timeout
+        let connect_timeout = plan
+            .upstream
+            .timeouts(pick.index)
+            .0
             .unwrap_or(Duration::from_secs(5));
         match timeout(connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {

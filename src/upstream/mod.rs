@@ -166,6 +166,17 @@ impl Upstream {
         Box::new(self.backends[i].peer.clone())
     }
 
+    /// Whether the backends are reached over TLS (all or none of them are).
+    pub fn is_tls(&self) -> bool {
+        self.backends.first().is_some_and(|b| b.peer.is_tls())
+    }
+
+    /// Connect and read timeouts of backend `i`, without cloning its peer.
+    pub fn timeouts(&self, i: usize) -> (Option<std::time::Duration>, Option<std::time::Duration>) {
+        let o = &self.backends[i].peer.options;
+        (o.connection_timeout, o.read_timeout)
+    }
+
     /// Panics if `i` is not a backend index of this upstream.
     pub fn backend_addr(&self, i: usize) -> SocketAddr {
         self.backends[i].addr
