@@ -212,6 +212,7 @@ fn parse_head(buf: &[u8], max_headers: usize) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS_CAP];
     let mut req = httparse::Request::new(&mut headers[..max_headers.min(MAX_HEADERS_CAP)]);
     match req.parse(buf) {
+        Ok(httparse::Status::Complete(_)) if !well_framed(&req) => Parsed::Invalid,
         Ok(httparse::Status::Complete(len)) => Parsed::Complete {
             len,
             websocket: is_websocket_upgrade(&req),
@@ -220,6 +221,39 @@ fn parse_head(buf: &[u8], max_headers: usize) -> Parsed {
         Err(httparse::Error::TooManyHeaders) => Parsed::TooManyHeaders,
         Err(_) => Parsed::Invalid,
     }
+}
+
+/// Rejects heads that proxies disagree on (request smuggling) or that RFC 9112 forbids:
+/// HTTP/1.1 without exactly one `Host` (§3.2); a `Content-Length` that is not a number or is
+/// repeated with different values (§6.3); `Content-Length` together with `Transfer-Encoding`.
+fn well_framed(req: &httparse::Request<'_, '_>) -> bool {
+    let mut hosts = 0;
+    let mut length: Option<&[u8]> = None;
+    let mut chunked = false;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            for v in h.value.split(|b| *b == b',') {
+                let v = v.trim_ascii();
+                if v.is_empty()
+                    || !v.iter().all(u8::is_ascii_digit)
+                    || length.is_some_and(|l| l != v)
+                {
+                    return false;
+                }
+                length = Some(v);
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = true;
+        }
+    }
+    let host_ok = if req.version == Some(1) {
+        hosts == 1
+    } else {
+        hosts <= 1
+    };
+    host_ok && !(chunked && length.is_some())
 }
 
 /// `GET` over HTTP/1.1 with `Upgrade: websocket` (RFC 6455 §4.1).
@@ -283,9 +317,32 @@ mod tests {
             parse_head(b"GET / HTTP/1.1\r\nbad header\r\n\r\n", 100),
             Parsed::Invalid
         ));
+        for bad in [
+            &b"GET / HTTP/1.1\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: abc\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert!(matches!(parse_head(bad, 100), Parsed::Invalid), "{}", String::from_utf8_lossy(bad));
+        }
+        assert!(matches!(
+            parse_head(
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+                100
+            ),
+            Parsed::Complete { .. }
+        ));
+        assert!(matches!(
+            parse_head(b"GET / HTTP/1.0\r\n\r\n", 100),
+            Parsed::Complete { .. }
+        ));
         // POST with Upgrade is not a WebSocket handshake.
         assert!(matches!(
-            parse_head(b"POST / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n", 100),
+            parse_head(
+                b"POST / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
+                100
+            ),
             Parsed::Complete {
                 websocket: false,
                 ..

@@ -16,6 +16,16 @@ const HOP_BY_HOP: &[&str] = &["keep-alive", "proxy-connection", "te", "trailer"]
 
 pub const X_REQUEST_ID: &str = "x-request-id";
 
+/// True for a WebSocket handshake (`Upgrade: websocket`); other upgrades (`h2c`) are not
+/// passed on.
+pub fn is_websocket(req: &RequestHeader) -> bool {
+    req.headers.get_all(UPGRADE).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+    })
+}
+
 /// What the gateway knows about the client connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Client {

@@ -52,16 +52,32 @@ pub struct Status {
     pub websocket_tunnels: usize,
 }
 
+/// Loads and compiles the config file: what start, reload and `tollgate check` all do. Reports
+/// every error of every stage at once, in file order: a section that fails to parse does not
+/// hide the cross-reference and compile errors of the rest.
+pub fn build(
+    path: &Path,
+    registry: &Registry,
+    metrics: &Metrics,
+    generation: u64,
+) -> Result<(config::Loaded, Snapshot), Vec<ConfigError>> {
+    let (loaded, mut errors) = config::load_lenient(path)?;
+    match snapshot::compile(&loaded.config, registry, metrics, generation) {
+        Ok(snap) if errors.is_empty() => return Ok((loaded, snap)),
+        Ok(_) => {}
+        Err(compile_errors) => errors.extend(loaded.locate(&compile_errors)),
+    }
+    errors.sort_by_key(|e| (e.line, e.column));
+    errors.dedup();
+    Err(errors)
+}
+
 impl Gateway {
-    /// Compiles the first snapshot. Errors are located in the config file.
-    pub fn start(
-        config_path: &Path,
-        loaded: config::Loaded,
-    ) -> Result<Arc<Gateway>, Vec<ConfigError>> {
+    /// Loads and compiles the config file into the first snapshot.
+    pub fn start(config_path: &Path) -> Result<Arc<Gateway>, Vec<ConfigError>> {
         let metrics = Metrics::new();
         let registry = Registry::new();
-        let snap = snapshot::compile(&loaded.config, &registry, &metrics, 1)
-            .map_err(|e| loaded.locate(&e))?;
+        let (loaded, snap) = build(config_path, &registry, &metrics, 1)?;
         let access_log = AccessLog::start(
             &loaded.config.access_log,
             metrics.access_log_dropped.clone(),
@@ -122,12 +138,7 @@ impl Gateway {
         // One reload at a time; requests never take this lock.
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let generation = self.snapshot.load().generation + 1;
-        let result = config::load(&self.config_path).and_then(|loaded| {
-            match snapshot::compile(&loaded.config, &self.registry, &self.metrics, generation) {
-                Ok(snap) => Ok((loaded, snap)),
-                Err(e) => Err(loaded.locate(&e)),
-            }
-        });
+        let result = build(&self.config_path, &self.registry, &self.metrics, generation);
         state.last_reload = Some(SystemTime::now());
         match result {
             Ok((loaded, snap)) => {

@@ -11,11 +11,10 @@ use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
 
 use tollgate::admin::AdminApp;
-use tollgate::config::{self, ConfigError};
+use tollgate::config::ConfigError;
 use tollgate::edge::Edge;
-use tollgate::gateway::{ConfigWatcher, Gateway};
+use tollgate::gateway::{build, ConfigWatcher, Gateway};
 use tollgate::proxy::Proxy;
-use tollgate::snapshot;
 use tollgate::upstream::{HealthChecker, Registry};
 
 #[global_allocator]
@@ -77,16 +76,9 @@ fn print_errors(errors: &[ConfigError]) {
 
 /// `tollgate check`: everything a reload would do, short of swapping the snapshot.
 fn check(path: &Path) -> ExitCode {
-    let loaded = match config::load(path) {
-        Ok(l) => l,
-        Err(errors) => {
-            print_errors(&errors);
-            return ExitCode::FAILURE;
-        }
-    };
     let metrics = tollgate::observe::Metrics::new();
-    match snapshot::compile(&loaded.config, &Registry::new(), &metrics, 1) {
-        Ok(snap) => {
+    match build(path, &Registry::new(), &metrics, 1) {
+        Ok((loaded, snap)) => {
             println!(
                 "{}: ok ({} routes, {} upstreams, {} listeners)",
                 path.display(),
@@ -97,22 +89,14 @@ fn check(path: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(errors) => {
-            print_errors(&loaded.locate(&errors));
+            print_errors(&errors);
             ExitCode::FAILURE
         }
     }
 }
 
 fn run(cli: &Cli) -> ExitCode {
-    let loaded = match config::load(&cli.conf) {
-        Ok(l) => l,
-        Err(errors) => {
-            print_errors(&errors);
-            return ExitCode::FAILURE;
-        }
-    };
-    let cfg = loaded.config.clone();
-    let gateway = match Gateway::start(&cli.conf, loaded) {
+    let gateway = match Gateway::start(&cli.conf) {
         Ok(g) => g,
         Err(errors) => {
             print_errors(&errors);
@@ -120,6 +104,7 @@ fn run(cli: &Cli) -> ExitCode {
         }
     };
 
+    let cfg = gateway.boot_config().clone();
     let mut conf = ServerConf {
         threads: cfg.server.threads,
         work_stealing: cfg.server.work_stealing,

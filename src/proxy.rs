@@ -299,7 +299,7 @@ impl ProxyHttp for Proxy {
             &snap.http,
             &ctx.request_id,
             &route.request_headers,
-            session.is_upgrade_req(),
+            forwarding::is_websocket(session.req_header()),
         );
         Ok(())
     }

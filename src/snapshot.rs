@@ -72,6 +72,28 @@ pub fn compile(
         }
     };
 
+    // Cross-references first, from the config itself, so they are reported even when some
+    // route fails to compile.
+    for (i, route) in cfg.routes.iter().enumerate() {
+        let Some(name) = &route.upstream else {
+            continue;
+        };
+        if !cfg.upstreams.contains_key(name) && !cfg.broken_upstreams.contains(name) {
+            let known: Vec<&str> = cfg.upstreams.keys().map(String::as_str).collect();
+            errors.push(FieldError::new(
+                error::join(&error::index("routes", i), "upstream"),
+                format!(
+                    "unknown upstream `{name}`; defined upstreams: {}",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+    }
+
     let mut bindings = Vec::new();
     if let Some(router) = &router {
         for route in router.routes() {
@@ -82,44 +104,26 @@ pub fn compile(
                 metrics: metrics.route(&route.name, ""),
             };
             if let Action::Proxy { upstream } = &route.action {
-                match by_name.get(upstream.as_str()) {
-                    Some(&ui) => {
-                        binding.upstream = Some(ui);
-                        binding.metrics = metrics.route(&route.name, upstream);
-                        let n_rules = route.split.targets().len().saturating_sub(1);
-                        for (t, labels) in route.split.targets().iter().enumerate() {
-                            match upstreams[ui].subset(labels) {
-                                Ok(s) => binding.subsets.push(s),
-                                Err(msg) => {
-                                    let field = if t < n_rules {
-                                        error::join(
-                                            &error::index(&error::join(&path, "split"), t),
-                                            "labels",
-                                        )
-                                    } else {
-                                        error::join(&path, "labels")
-                                    };
-                                    errors.push(FieldError::new(field, msg));
-                                }
+                // Unknown or broken upstreams were reported above.
+                if let Some(&ui) = by_name.get(upstream.as_str()) {
+                    binding.upstream = Some(ui);
+                    binding.metrics = metrics.route(&route.name, upstream);
+                    let n_rules = route.split.targets().len().saturating_sub(1);
+                    for (t, labels) in route.split.targets().iter().enumerate() {
+                        match upstreams[ui].subset(labels) {
+                            Ok(s) => binding.subsets.push(s),
+                            Err(msg) => {
+                                let field = if t < n_rules {
+                                    error::join(
+                                        &error::index(&error::join(&path, "split"), t),
+                                        "labels",
+                                    )
+                                } else {
+                                    error::join(&path, "labels")
+                                };
+                                errors.push(FieldError::new(field, msg));
                             }
                         }
-                    }
-                    None if cfg.upstreams.contains_key(upstream) => {
-                        // The upstream itself is broken; its own errors say why.
-                    }
-                    None => {
-                        let known: Vec<&str> = cfg.upstreams.keys().map(String::as_str).collect();
-                        errors.push(FieldError::new(
-                            error::join(&path, "upstream"),
-                            format!(
-                                "unknown upstream `{upstream}`; defined upstreams: {}",
-                                if known.is_empty() {
-                                    "none".to_string()
-                                } else {
-                                    known.join(", ")
-                                }
-                            ),
-                        ));
                     }
                 }
             }

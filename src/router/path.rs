@@ -64,7 +64,7 @@ pub(crate) fn compile_path(
             Err(e) => {
                 errors.push(FieldError::new(
                     format!("{at}.path_regex"),
-                    format!("invalid regex: {e}"),
+                    crate::config::error::regex_message(&e),
                 ));
                 None
             }

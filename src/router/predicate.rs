@@ -59,7 +59,7 @@ impl ValueMatcher {
             Err(e) => {
                 errors.push(FieldError::new(
                     format!("{at}.regex"),
-                    format!("invalid regex: {e}"),
+                    crate::config::error::regex_message(&e),
                 ));
                 None
             }

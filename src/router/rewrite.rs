@@ -44,7 +44,7 @@ impl PathRewrite {
                 Err(e) => {
                     errors.push(FieldError::new(
                         format!("{at}.regex.pattern"),
-                        format!("invalid regex: {e}"),
+                        crate::config::error::regex_message(&e),
                     ));
                     None
                 }

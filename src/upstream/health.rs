@@ -207,6 +207,9 @@ impl ProbeJob {
         if let Err(error) = &result {
             tracing::debug!(upstream = %self.upstream, backend = %self.address, %error, "health probe failed");
         }
+        if result.is_ok() {
+            self.state.active_probe_passed();
+        }
         let flipped =
             self.state
                 .observe_probe(result.is_ok(), self.spec.healthy, self.spec.unhealthy);

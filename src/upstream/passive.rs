@@ -115,6 +115,20 @@ impl BackendState {
         }
     }
 
+    /// A passing active probe lifts a passive ejection early (as Envoy does by default); the
+    /// backend stays on probation, so one more failure ejects it again.
+    pub(super) fn active_probe_passed(&self) {
+        if self.ejected_until.load(Ordering::Relaxed) != 0
+            && self.ejected_until.swap(0, Ordering::Relaxed) != 0
+        {
+            tracing::info!(
+                upstream = %self.upstream,
+                backend = %self.addr,
+                "active health check passed, ejection lifted (on probation)"
+            );
+        }
+    }
+
     fn eject(&self, now: u64, policy: &PassivePolicy, why: &str) {
         let until = now.saturating_add(policy.ejection_ms);
         // Only one of several concurrent failures ejects (and logs).
@@ -147,6 +161,22 @@ mod tests {
             ejection_ms: ms,
             count_5xx: true,
         }
+    }
+
+    #[test]
+    fn a_passing_active_probe_lifts_an_ejection() {
+        let s = BackendState::new("u", "127.0.0.1:1".parse().unwrap());
+        let p = policy(2, 60_000);
+        s.passive_failure(&p);
+        s.passive_failure(&p);
+        assert!(s.is_ejected());
+        s.active_probe_passed();
+        assert!(!s.is_ejected(), "probe success must lift the ejection");
+        s.passive_failure(&p);
+        assert!(
+            s.is_ejected(),
+            "still on probation: one failure ejects again"
+        );
     }
 
     #[test]
