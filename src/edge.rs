@@ -65,7 +65,8 @@ impl ServerApp for Edge {
         let mut first = true;
         loop {
             let http = self.gateway.http_settings();
-            match read_head(&mut stream, &mut buf, &http, first, shutdown).await {
+            let idle_grace = self.gateway.drain_idle_grace();
+            match read_head(&mut stream, &mut buf, &http, first, shutdown, idle_grace).await {
                 Head::Closed => return None,
                 Head::Reject(r) => {
                     let _ = stream.write_all(&r.raw_response(&request_id(None))).await;
@@ -139,11 +140,14 @@ async fn read_head(
     http: &crate::config::HttpSettings,
     first: bool,
     shutdown: &ShutdownWatch,
+    idle_grace: std::time::Duration,
 ) -> Head {
     buf.clear();
     let max = http.max_header_bytes.get() as usize;
     // Waiting for the first byte: a new connection gets the header timeout, a kept-alive one
-    // the keep-alive timeout, and stops waiting when the server shuts down.
+    // the keep-alive timeout. Once the server drains, a kept-alive connection gets only
+    // `idle_grace` more: a request that arrives in time is still served (Pingora answers it
+    // with `Connection: close`), so a busy client never sees its connection cut mid-send.
     let idle = if first {
         http.client_header_timeout.get()
     } else {
@@ -151,6 +155,10 @@ async fn read_head(
     };
     let mut deadline = Instant::now() + idle;
     let mut shutdown = shutdown.clone();
+    let mut draining = *shutdown.borrow();
+    if draining && !first {
+        deadline = deadline.min(Instant::now() + idle_grace);
+    }
     loop {
         if buf.capacity() - buf.len() < 512 {
             let want = (buf.capacity().max(HEAD_BUF / 2) * 2).min(max + 1);
@@ -160,7 +168,7 @@ async fn read_head(
             buf.reserve_exact(want - buf.len());
         }
         let read = async {
-            if buf.is_empty() && !first {
+            if buf.is_empty() && !first && !draining {
                 tokio::select! {
                     r = stream.read_buf(buf) => Some(r),
                     _ = wait_shutdown(&mut shutdown) => None,
@@ -171,7 +179,13 @@ async fn read_head(
         };
         let n = match timeout_at(deadline, read).await {
             Ok(Some(Ok(n))) => n,
-            // Timed out, shutting down, or a read error: close quietly.
+            Ok(None) => {
+                // The drain began while this connection idled: last call.
+                draining = true;
+                deadline = deadline.min(Instant::now() + idle_grace);
+                continue;
+            }
+            // Timed out or a read error: close quietly.
             _ => return Head::Closed,
         };
         if n == 0 {

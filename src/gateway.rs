@@ -38,6 +38,7 @@ pub struct Gateway {
 struct ReloadState {
     /// The last config that compiled (for change detection of non-hot settings).
     applied: Config,
+    pending_upgrade: Vec<String>,
     last_error: Option<Vec<ConfigError>>,
     last_reload: Option<SystemTime>,
 }
@@ -50,6 +51,10 @@ pub struct Status {
     pub last_error: Option<Vec<ConfigError>>,
     pub last_reload: Option<String>,
     pub websocket_tunnels: usize,
+    /// Settings that changed in the file but wait for a binary upgrade.
+    pub pending_upgrade: Vec<String>,
+    pub pid: u32,
+    pub draining: bool,
 }
 
 /// Loads and compiles the config file: what start, reload and `tollgate check` all do. Reports
@@ -103,6 +108,7 @@ impl Gateway {
             boot: loaded.config.clone(),
             state: Mutex::new(ReloadState {
                 applied: loaded.config,
+                pending_upgrade: Vec::new(),
                 last_error: None,
                 last_reload: None,
             }),
@@ -120,6 +126,22 @@ impl Gateway {
     #[inline]
     pub fn http_settings(&self) -> config::HttpSettings {
         self.snapshot.load().http.clone()
+    }
+
+    /// `drain.idle_grace` for the connection loop (a lock-free read of the snapshot).
+    #[inline]
+    pub fn drain_idle_grace(&self) -> std::time::Duration {
+        self.snapshot.load().drain_idle_grace
+    }
+
+    /// The `drain` settings of the config now in force (read when a drain starts).
+    pub fn drain_settings(&self) -> config::Drain {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .applied
+            .drain
+            .clone()
     }
 
     pub fn config_path(&self) -> &Path {
@@ -142,9 +164,11 @@ impl Gateway {
         state.last_reload = Some(SystemTime::now());
         match result {
             Ok((loaded, snap)) => {
-                for warning in restart_only_changes(&self.boot, &loaded.config) {
+                let pending = restart_only_changes(&self.boot, &loaded.config);
+                for warning in &pending {
                     tracing::warn!("{}: {warning}", self.config_path.display());
                 }
+                state.pending_upgrade = pending;
                 if loaded.config.access_log != state.applied.access_log {
                     self.access_log.reconfigure(&loaded.config.access_log);
                 }
@@ -188,6 +212,9 @@ impl Gateway {
                 .last_reload
                 .map(|t| humantime::format_rfc3339_millis(t).to_string()),
             websocket_tunnels: self.tunnels.len(),
+            pending_upgrade: state.pending_upgrade.clone(),
+            pid: std::process::id(),
+            draining: self.metrics.draining.get() > 0,
         }
     }
 
@@ -221,7 +248,7 @@ pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<String> {
         out.push("`admin` changed: the admin listener is bound at start; apply with a binary upgrade. The rest of the change is live.".to_string());
     }
     if running.server != new.server {
-        out.push("`server` changed: threads, pool size, grace period and file paths are set at start; apply with a binary upgrade. The rest of the change is live.".to_string());
+        out.push("`server` changed: threads, pool size and file paths are set at start; apply with a binary upgrade. The rest of the change is live.".to_string());
     }
     out
 }

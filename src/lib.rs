@@ -6,6 +6,7 @@ pub mod config;
 pub mod edge;
 pub mod forwarding;
 pub mod gateway;
+pub mod lifecycle;
 pub mod observe;
 pub mod proxy;
 pub mod respond;

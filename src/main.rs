@@ -45,6 +45,18 @@ struct Cli {
 enum Command {
     /// Validate the config file (and everything it compiles to) without starting.
     Check,
+    /// Replace the running tollgate with this binary through the socket handoff: checks the
+    /// config first, starts this binary with --upgrade, hands the sockets over with SIGQUIT,
+    /// and waits until the new process answers. The old process drains.
+    Upgrade {
+        /// How long the new process may take to answer after the handoff.
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        ready_timeout: std::time::Duration,
+        /// Append the new process's stdout and stderr to this file (default: inherit this
+        /// command's, which under systemd is the journal).
+        #[arg(long)]
+        log: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -59,6 +71,9 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Some(Command::Check) => check(&cli.conf),
+        Some(Command::Upgrade { ready_timeout, log }) => {
+            tollgate::lifecycle::upgrade::run(&cli.conf, ready_timeout, log.as_deref())
+        }
         None => run(&cli),
     }
 }
@@ -109,7 +124,9 @@ fn run(cli: &Cli) -> ExitCode {
         threads: cfg.server.threads,
         work_stealing: cfg.server.work_stealing,
         upstream_keepalive_pool_size: cfg.server.upstream_keepalive_pool_size,
-        grace_period_seconds: Some(cfg.server.grace_period.get().as_secs()),
+        // The drainer (lifecycle::drain) exits the process when the drain is done or its
+        // deadline passes; Pingora's unconditional grace sleep is only a backstop.
+        grace_period_seconds: Some(30 * 24 * 3600),
         graceful_shutdown_timeout_seconds: Some(5),
         pid_file: cfg.server.pid_file.clone(),
         upgrade_sock: cfg.server.upgrade_sock.clone(),
@@ -158,6 +175,13 @@ fn run(cli: &Cli) -> ExitCode {
             gateway: gateway.clone(),
         },
     );
+    let drainer = background_service(
+        "drain",
+        tollgate::lifecycle::drain::Drainer {
+            gateway: gateway.clone(),
+            pid_file: cfg.server.pid_file.clone().into(),
+        },
+    );
     let source = gateway.clone();
     let health = background_service(
         "health checks",
@@ -168,6 +192,7 @@ fn run(cli: &Cli) -> ExitCode {
     server.add_service(admin);
     server.add_service(watcher);
     server.add_service(health);
+    server.add_service(drainer);
     tracing::info!(
         config = %cli.conf.display(),
         listeners = ?cfg.listeners.iter().map(|l| l.address.as_str()).collect::<Vec<_>>(),

@@ -22,6 +22,8 @@ pub struct Snapshot {
     pub bindings: Vec<Binding>,
     pub upstreams: Vec<Arc<Upstream>>,
     pub http: HttpSettings,
+    /// How long an idle kept-alive connection may still send a request once draining.
+    pub drain_idle_grace: std::time::Duration,
     /// Metrics of requests that matched no route.
     pub unrouted: RouteMetrics,
 }
@@ -138,6 +140,7 @@ pub fn compile(
             bindings,
             upstreams: upstreams.into_iter().map(Arc::new).collect(),
             http: cfg.http.clone(),
+            drain_idle_grace: cfg.drain.idle_grace.get(),
             unrouted: metrics.route(NO_ROUTE, ""),
         }),
         _ => Err(errors),

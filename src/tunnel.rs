@@ -668,7 +668,8 @@ async fn pump(
             }
             if sent_client_close && sent_upstream_close {
                 // Give the peers a moment to answer, then let go.
-                let _ = timeout(CLOSE_GRACE, drain_both(client, upstream)).await;
+                let _ = timeout(CLOSE_GRACE, await_close_replies(client, upstream)).await;
+                let _ = client.shutdown().await;
                 break End::ClosedByGateway;
             }
             if since.elapsed() > CLOSE_GRACE {
@@ -726,14 +727,16 @@ async fn pump(
     (up, down, end)
 }
 
-/// Reads and discards from both sides until both close.
-async fn drain_both(client: &mut Stream, upstream: &mut TcpStream) {
+/// After our close frames: waits for each side's answer (its close frame, or its close of the
+/// connection), discarding it. As the server side towards the client, we then close the TCP
+/// connection ourselves (RFC 6455 §7.1.1) rather than wait for the client to.
+async fn await_close_replies(client: &mut Stream, upstream: &mut TcpStream) {
     let (mut cbuf, mut ubuf) = ([0u8; 256], [0u8; 256]);
     let (mut c_done, mut u_done) = (false, false);
     while !(c_done && u_done) {
         tokio::select! {
-            r = client.read(&mut cbuf), if !c_done => c_done = !matches!(r, Ok(n) if n > 0),
-            r = upstream.read(&mut ubuf), if !u_done => u_done = !matches!(r, Ok(n) if n > 0),
+            _ = client.read(&mut cbuf), if !c_done => c_done = true,
+            _ = upstream.read(&mut ubuf), if !u_done => u_done = true,
         }
     }
 }

@@ -32,6 +32,7 @@ const SECTIONS: &[&str] = &[
     "http",
     "access_log",
     "reload",
+    "drain",
     "upstreams",
     "routes",
 ];
@@ -166,6 +167,7 @@ fn parse(text: &str, errors: &mut Vec<Located>) -> Config {
             "http" => section(name, value, &mut config.http, errors),
             "access_log" => section(name, value, &mut config.access_log, errors),
             "reload" => section(name, value, &mut config.reload, errors),
+            "drain" => section(name, value, &mut config.drain, errors),
             "upstreams" => (config.upstreams, config.broken_upstreams) = upstreams(value, errors),
             "routes" => config.routes = routes(value, errors),
             other => errors.push(Located::Key(FieldError::new(

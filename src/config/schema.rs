@@ -21,6 +21,7 @@ pub struct Config {
     pub http: HttpSettings,
     pub access_log: AccessLog,
     pub reload: ReloadSettings,
+    pub drain: Drain,
     /// Upstreams in name order (the map is ordered so output and errors are stable).
     pub upstreams: BTreeMap<String, Upstream>,
     /// Routes in declared order; declared order is the last tie-breaker of routing precedence.
@@ -73,9 +74,6 @@ pub struct ServerSettings {
     /// Idle upstream connections kept in Pingora's pool (shared by all upstreams, survives reloads).
     #[serde(default = "default_pool_size")]
     pub upstream_keepalive_pool_size: usize,
-    /// How long an old process keeps serving after a shutdown or upgrade signal.
-    #[serde(default = "default_grace")]
-    pub grace_period: Dur,
     #[serde(default = "default_pid_file")]
     pub pid_file: String,
     #[serde(default = "default_upgrade_sock")]
@@ -88,7 +86,6 @@ impl Default for ServerSettings {
             threads: default_threads(),
             work_stealing: false,
             upstream_keepalive_pool_size: default_pool_size(),
-            grace_period: default_grace(),
             pid_file: default_pid_file(),
             upgrade_sock: default_upgrade_sock(),
         }
@@ -102,9 +99,6 @@ fn default_threads() -> usize {
 }
 fn default_pool_size() -> usize {
     128
-}
-fn default_grace() -> Dur {
-    Dur(Duration::from_secs(300))
 }
 fn default_pid_file() -> String {
     "/tmp/tollgate.pid".into()
@@ -202,6 +196,43 @@ impl Default for AccessLog {
 
 fn default_access_log_path() -> String {
     "stdout".into()
+}
+
+/// How an old process winds down after a binary upgrade (`SIGQUIT`) or `SIGTERM`. Read when
+/// the drain starts, so a reload changes it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Drain {
+    /// WebSocket tunnels still open this long after the drain began are closed...
+    #[serde(default = "default_drain_timeout")]
+    pub timeout: Dur,
+    /// ...one by one, evenly spread over this window (never all at once: no reconnect storm).
+    #[serde(default = "default_drain_spread")]
+    pub spread: Dur,
+    /// An idle keep-alive connection gets this long to send one more request (answered with
+    /// `Connection: close`) before it is closed.
+    #[serde(default = "default_drain_idle")]
+    pub idle_grace: Dur,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self {
+            timeout: default_drain_timeout(),
+            spread: default_drain_spread(),
+            idle_grace: default_drain_idle(),
+        }
+    }
+}
+
+fn default_drain_timeout() -> Dur {
+    Dur(Duration::from_secs(3600))
+}
+fn default_drain_spread() -> Dur {
+    Dur(Duration::from_secs(300))
+}
+fn default_drain_idle() -> Dur {
+    Dur(Duration::from_secs(1))
 }
 
 /// When the config file is re-read. `SIGHUP` always reloads.

@@ -38,6 +38,7 @@ pub struct AccessRecord<'a> {
 enum Msg {
     Line(String),
     Reopen(config::AccessLog),
+    Flush(std::sync::mpsc::Sender<()>),
 }
 
 /// Handle to the access-log writer thread.
@@ -70,6 +71,14 @@ impl AccessLog {
         self.enabled
             .store(cfg.enabled, std::sync::atomic::Ordering::Relaxed);
         let _ = self.tx.send(Msg::Reopen(cfg.clone()));
+    }
+
+    /// Writes out everything queued so far, waiting at most `limit` (before the process exits).
+    pub fn flush(&self, limit: std::time::Duration) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.tx.send(Msg::Flush(tx)).is_ok() {
+            let _ = rx.recv_timeout(limit);
+        }
     }
 
     pub fn enabled(&self) -> bool {
@@ -125,6 +134,10 @@ fn handle(out: &mut BufWriter<Box<dyn Write + Send>>, msg: Msg) {
     match msg {
         Msg::Line(line) => {
             let _ = out.write_all(line.as_bytes());
+        }
+        Msg::Flush(done) => {
+            let _ = out.flush();
+            let _ = done.send(());
         }
         Msg::Reopen(cfg) => {
             let _ = out.flush();

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     pub generation: IntGauge,
     pub access_log_dropped: IntCounter,
+    pub draining: IntGauge,
 }
 
 /// Counter handles of one route (and its upstream), resolved once per snapshot.
@@ -115,8 +116,14 @@ impl Metrics {
             "Access log lines dropped because the writer fell behind",
         )
         .expect("valid metric");
+        let draining = IntGauge::new(
+            "tollgate_draining",
+            "1 while this process drains after an upgrade or SIGTERM",
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(draining.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(requests.clone()),
             Box::new(duration.clone()),
             Box::new(connections_active.clone()),
             Box::new(tunnels_active.clone()),
@@ -144,6 +151,7 @@ impl Metrics {
             reloads,
             generation,
             access_log_dropped,
+            draining,
         }
     }
 
