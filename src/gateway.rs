@@ -253,9 +253,13 @@ pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<String> {
     out
 }
 
-/// Reloads on `SIGHUP` and, when `reload.watch` is on, when the config file changes.
+/// Reloads on `SIGHUP` and, when `reload.watch` is on, when the config file changes. On
+/// `SIGUSR2` starts a binary upgrade from inside the process (so that under systemd the new
+/// process is part of the service): runs `BINARY upgrade -c CONFIG`, where BINARY is the path
+/// this process was started from, which after a package upgrade holds the new binary.
 pub struct ConfigWatcher {
     pub gateway: Arc<Gateway>,
+    pub binary: PathBuf,
 }
 
 #[derive(PartialEq, Eq, Clone, Copy)]
@@ -277,6 +281,30 @@ fn stamp(path: &Path) -> Option<FileStamp> {
 }
 
 impl ConfigWatcher {
+    fn start_upgrade(&self) {
+        tracing::info!(binary = %self.binary.display(), "SIGUSR2: starting a binary upgrade");
+        let spawned = std::process::Command::new(&self.binary)
+            .arg("upgrade")
+            .arg("-c")
+            .arg(self.gateway.config_path())
+            .stdin(std::process::Stdio::null())
+            .spawn();
+        match spawned {
+            // Reap it when it ends so it does not linger as a zombie; its output goes to our
+            // stdout/stderr (the journal under systemd).
+            Ok(mut child) => {
+                std::thread::spawn(move || match child.wait() {
+                    Ok(s) if s.success() => tracing::info!("binary upgrade finished"),
+                    Ok(s) => {
+                        tracing::error!("binary upgrade failed ({s}); this process keeps serving")
+                    }
+                    Err(e) => tracing::error!("binary upgrade: {e}"),
+                });
+            }
+            Err(e) => tracing::error!("cannot start {} upgrade: {e}", self.binary.display()),
+        }
+    }
+
     async fn reload(&self, why: &str) {
         tracing::info!("reloading config ({why})");
         let gw = self.gateway.clone();
@@ -297,6 +325,8 @@ impl BackgroundService for ConfigWatcher {
                 None
             }
         };
+        let mut usr2 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2()).ok();
         let path = self.gateway.config_path().to_path_buf();
         let mut last = stamp(&path);
         loop {
@@ -312,6 +342,9 @@ impl BackgroundService for ConfigWatcher {
                 _ = async { match hangup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
                     last = stamp(&path);
                     self.reload("SIGHUP").await;
+                }
+                _ = async { match usr2.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {
+                    self.start_upgrade();
                 }
                 _ = tokio::time::sleep(interval) => {
                     if !watch {

@@ -173,6 +173,7 @@ fn run(cli: &Cli) -> ExitCode {
         "config watcher",
         ConfigWatcher {
             gateway: gateway.clone(),
+            binary: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("tollgate")),
         },
     );
     let drainer = background_service(

@@ -170,10 +170,17 @@ fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
 fn status_pid(admin: SocketAddr) -> Option<i32> {
     let mut s = TcpStream::connect_timeout(&admin, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    s.write_all(b"GET /status HTTP/1.0\r\nHost: tollgate\r\n\r\n")
+    s.write_all(b"GET /status HTTP/1.1\r\nHost: tollgate\r\nConnection: close\r\n\r\n")
         .ok()?;
+    // Keep what arrived even if the server holds the connection open past the timeout.
     let mut out = Vec::new();
-    s.read_to_end(&mut out).ok()?;
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = s.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&chunk[..n]);
+    }
     let text = String::from_utf8_lossy(&out);
     let body = text.split_once("\r\n\r\n")?.1;
     let v: serde_json::Value = serde_json::from_str(body).ok()?;
