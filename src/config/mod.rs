@@ -53,17 +53,10 @@ impl Loaded {
 
 /// Reads and parses the config file at `path`.
 pub fn load(path: &Path) -> Result<Loaded, Vec<ConfigError>> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        vec![ConfigError {
-            file: file.clone(),
-            line: 0,
-            column: 0,
-            path: String::new(),
-            message: format!("cannot read the file: {e}"),
-        }]
-    })?;
-    load_str(&file, &text)
+    match load_lenient(path)? {
+        (loaded, errors) if errors.is_empty() => Ok(loaded),
+        (_, errors) => Err(errors),
+    }
 }
 
 /// Parses config text; `file` is only used to name the file in errors.
