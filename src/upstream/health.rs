@@ -140,8 +140,12 @@ impl HealthChecker {
 
 #[async_trait]
 impl BackgroundService for HealthChecker {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        self.run(shutdown).await;
+    /// Probes for the life of the process, including while it drains after an upgrade or
+    /// SIGTERM: requests and tunnels still served then need current health too. The drainer
+    /// ends the process.
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        let (_never_sent, never) = tokio::sync::watch::channel(false);
+        self.run(never).await;
     }
 }
 
@@ -414,7 +418,7 @@ mod tests {
         let source = upstreams.clone();
         let checker = HealthChecker::new(Arc::new(move || source.lock().unwrap().clone()));
         let (shutdown, rx) = watch::channel(false);
-        let task = tokio::spawn(async move { checker.start(rx).await });
+        let task = tokio::spawn(async move { checker.run(rx).await });
         Running {
             upstreams,
             shutdown,

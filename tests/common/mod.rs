@@ -90,7 +90,7 @@ pub fn line_of(text: &str, needle: &str) -> usize {
 pub fn base() -> String {
     r#"listeners: [ { name: web, address: "127.0.0.1:$PORT" } ]
 admin: { address: "127.0.0.1:$APORT" }
-server: { threads: 2, pid_file: "$DIR/tollgate.pid", upgrade_sock: "$DIR/upgrade.sock", grace_period: 1s }
+server: { threads: 2, pid_file: "$DIR/tollgate.pid", upgrade_sock: "$DIR/upgrade.sock" }
 access_log: { path: "$DIR/access.log" }
 "#
     .to_string()
