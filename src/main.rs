@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use pingora_core::listeners::ListenerConfig;
+use pingora_core::protocols::l4::stream::L4BufferSettings;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 use pingora_core::services::background::background_service;
@@ -156,7 +158,8 @@ fn run(cli: &Cli) -> ExitCode {
         },
     );
     for l in &cfg.listeners {
-        edge.add_tcp(&l.address);
+        let buffers = L4BufferSettings::default().read(cfg.server.read_buffer.get() as usize);
+        edge.add_listener(ListenerConfig::tcp(l.address.as_str()).l4_buffer(buffers));
     }
     edge.threads = Some(cfg.server.threads);
 

@@ -37,7 +37,7 @@ use crate::upstream::{Pick, SubsetId, Upstream};
 
 /// Bytes buffered per direction. WebSocket chat frames are small; a large frame just takes
 /// more reads. This is most of an idle tunnel's memory.
-const TUNNEL_BUF: usize = 2048;
+const TUNNEL_BUF: usize = 1024;
 /// Largest upstream handshake response head.
 const MAX_RESPONSE_HEAD: usize = 32 * 1024;
 /// How long a closing tunnel waits for a frame boundary, then for the peers' close replies.

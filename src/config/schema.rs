@@ -74,6 +74,11 @@ pub struct ServerSettings {
     /// Idle upstream connections kept in Pingora's pool (shared by all upstreams, survives reloads).
     #[serde(default = "default_pool_size")]
     pub upstream_keepalive_pool_size: usize,
+    /// Read buffer in front of each downstream socket (Pingora's default is 64k). None (`0`)
+    /// by default: measured, it saves 4 KB per idle WebSocket tunnel (23.4 → 19.3 KB) and costs
+    /// no CPU per HTTP request (Pingora reads heads and bodies into buffers of its own).
+    #[serde(default = "default_read_buffer")]
+    pub read_buffer: ByteSize,
     #[serde(default = "default_pid_file")]
     pub pid_file: String,
     #[serde(default = "default_upgrade_sock")]
@@ -86,6 +91,7 @@ impl Default for ServerSettings {
             threads: default_threads(),
             work_stealing: false,
             upstream_keepalive_pool_size: default_pool_size(),
+            read_buffer: default_read_buffer(),
             pid_file: default_pid_file(),
             upgrade_sock: default_upgrade_sock(),
         }
@@ -99,6 +105,9 @@ fn default_threads() -> usize {
 }
 fn default_pool_size() -> usize {
     128
+}
+fn default_read_buffer() -> ByteSize {
+    ByteSize(0)
 }
 fn default_pid_file() -> String {
     "/tmp/tollgate.pid".into()

@@ -1,0 +1,397 @@
+#!/usr/bin/env bash
+# Tollgate vs nginx, same machine, same upstream, same load tool. One run prints one table.
+#
+#   cargo build --release -j1 --bin tollgate --example ws_echo --example ws_hold
+#   benches/load.sh
+#
+# 1. HTTP proxying: wrk -t1 -c50 -d10s --latency through each proxy (1 thread / 1 worker) to a
+#    tiny nginx upstream; requests/s, p50, p99 and proxy CPU µs per request, median of 3 runs.
+# 2. Idle WebSocket memory: N idle WebSocket connections through each proxy to an echo upstream;
+#    proxy RSS before/after, KB per connection.
+# See benches/README.md. Knobs (env): RUNS DURATION CONNS WS_N WS_HOLD WS_SOURCES LOAD_CORE
+# PROXY_CORE TOLLGATE_BIN PHASES KEEP.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${TOLLGATE_BIN:-$ROOT/target/release/tollgate}
+EXAMPLES=${EXAMPLES_DIR:-$ROOT/target/release/examples}
+RUNS=${RUNS:-3}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-50}
+WS_N=${WS_N:-10000}
+WS_HOLD=${WS_HOLD:-10}
+WS_SOURCES=${WS_SOURCES:-127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4}
+PHASES=${PHASES:-http,ws}    # which parts to run
+KEEP=${KEEP:-0}              # 1: keep the temp dir (configs, logs, wrk output) and print its path
+LOAD_CORE=${LOAD_CORE:-0}    # wrk, the upstreams, the WebSocket client
+PROXY_CORE=${PROXY_CORE:-1}  # the proxy under test (one at a time under load)
+
+die() { echo "load.sh: $*" >&2; exit 1; }
+log() { echo "# $*" >&2; }
+
+# ---------------------------------------------------------------------------------------------
+# Tools
+
+missing=()
+for t in nginx wrk taskset curl ss; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done
+if ((${#missing[@]})); then
+    die "missing: ${missing[*]} (apt-get install -y nginx-light wrk util-linux curl iproute2)"
+fi
+for f in "$BIN" "$EXAMPLES/ws_echo" "$EXAMPLES/ws_hold"; do
+    [[ -x $f ]] || die "$f not built: cargo build --release -j1 --bin tollgate --example ws_echo --example ws_hold"
+done
+NGINX=$(command -v nginx)
+CLK_TCK=$(getconf CLK_TCK)
+NCPU=$(nproc)
+((NCPU > PROXY_CORE && NCPU > LOAD_CORE)) || die "needs cores $LOAD_CORE and $PROXY_CORE (have $NCPU)"
+
+# File descriptors: each proxied WebSocket costs the proxy two (client + upstream side).
+ulimit -n 65535 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+NOFILE=$(ulimit -n)
+WS_MAX=$(((NOFILE - 200) / 2))
+WS_NOTE=""
+# nginx starts dropping connections that have not sent a request yet (reusable) once fewer than
+# 1/16 of worker_connections are free, so size it past 2N by that margin. It may exceed the fd
+# limit: it only sizes nginx's connection table.
+NGINX_WC=$((2 * (WS_N < WS_MAX ? WS_N : WS_MAX) * 16 / 15 + 1024))
+if ((WS_N > WS_MAX)); then
+    WS_NOTE="WS_N lowered from $WS_N to $WS_MAX: open files hard limit is $NOFILE (2 fds per proxied WebSocket)"
+    WS_N=$WS_MAX
+fi
+
+ODD=() # odd things seen, printed under the table
+
+# ---------------------------------------------------------------------------------------------
+# Temp dir, processes, cleanup
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-load.XXXXXX")
+PIDS=()
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do stop_wait "$p"; done
+    if [[ $KEEP == 1 ]]; then echo "# kept $TMP" >&2; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Waits (bounded) for a process we started to exit, then kills it.
+stop_wait() {
+    local p=$1 i
+    for ((i = 0; i < 50; i++)); do kill -0 "$p" 2>/dev/null || return 0; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+}
+stop() { # pid [signal]
+    kill "-${2:-INT}" "$1" 2>/dev/null || true
+    stop_wait "$1"
+    local keep=() p
+    for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+# free_port VAR: sets VAR to a free TCP port below the ephemeral range. Not $(free_port): the
+# subshell would lose NEXT_PORT and hand out the same port twice.
+NEXT_PORT=$((20000 + RANDOM % 8000))
+free_port() {
+    local p
+    for ((p = NEXT_PORT; p < NEXT_PORT + 500; p++)); do
+        if [[ -z $(ss -Htan "sport = :$p") ]]; then NEXT_PORT=$((p + 1)); printf -v "$1" '%s' "$p"; return; fi
+    done
+    die "no free port near $NEXT_PORT"
+}
+
+wait_port() { # port what pid: waits until that very process listens on the port
+    local i
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$3" 2>/dev/null || die "$2 exited at start; log: $(tail -5 "$TMP/$2.log" 2>/dev/null)"
+        [[ $(ss -Htlnp "sport = :$1") == *"pid=$3,"* ]] && return 0
+        sleep 0.1
+    done
+    die "$2 (pid $3) did not listen on $1 within 10s; log: $(tail -5 "$TMP/$2.log" 2>/dev/null)"
+}
+
+# utime+stime (clock ticks) of a process and its children's threads: nginx master + workers,
+# or every thread of tollgate (the per-process stat line already sums its threads).
+cpu_ticks() {
+    local total=0 p s
+    for p in "$@"; do
+        s=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+        s=${s##*) }            # drop "pid (comm) "
+        read -r -a f <<<"$s"   # f[0] is field 3 (state): utime is field 14 -> f[11]
+        total=$((total + f[11] + f[12]))
+    done
+    echo "$total"
+}
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+children() { pgrep -P "$1" || true; }
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+nginx_conf() { # name port body
+    local dir=$TMP/$1
+    mkdir -p "$dir"
+    cat >"$dir/nginx.conf" <<EOF
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile $NOFILE;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections $NGINX_WC; multi_accept on; }
+http {
+    access_log off;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    keepalive_requests 1000000;
+$3
+}
+EOF
+    echo "$dir/nginx.conf"
+}
+
+# Both start_* set STARTED to the new pid (not $(...): the pid must be tracked by this shell).
+start_nginx() { # name conf core port
+    taskset -c "$3" "$NGINX" -e "$TMP/$1/error.log" -c "$2" >"$TMP/$1.log" 2>&1 &
+    STARTED=$!
+    PIDS+=("$STARTED")
+    wait_port "$4" "$1" "$STARTED"
+}
+
+tollgate_conf() { # name port upstream_port admin_port
+    local dir=$TMP/$1
+    mkdir -p "$dir"
+    cat >"$dir/tollgate.yaml" <<EOF
+listeners: [ { name: web, address: "127.0.0.1:$2" } ]
+admin: { address: "127.0.0.1:$4" }
+server: { threads: 1, pid_file: $dir/pid, upgrade_sock: $dir/sock${TOLLGATE_SERVER_EXTRA:-} }
+access_log: { enabled: false }
+upstreams: { app: { backends: [ { address: "127.0.0.1:$3" } ] } }
+routes: [ { name: app, match: { path_prefix: / }, upstream: app, websocket: { idle_timeout: 1h } } ]
+EOF
+    echo "$dir/tollgate.yaml"
+}
+
+start_tollgate() { # name conf core port
+    taskset -c "$3" "$BIN" -c "$2" >"$TMP/$1.log" 2>&1 &
+    STARTED=$!
+    PIDS+=("$STARTED")
+    wait_port "$4" "$1" "$STARTED"
+}
+
+median_col() { # file column
+    awk -v c="$2" '{print $c}' "$1" | sort -g | awk '{v[NR] = $1} END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+log "started $(date -u +%FT%TZ) on $(hostname), $NCPU cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+
+# ---------------------------------------------------------------------------------------------
+# 1. HTTP
+
+if [[ $PHASES == *http* ]]; then
+free_port UP_PORT
+free_port TG_PORT
+free_port NG_PORT
+free_port TG_ADMIN
+
+up_conf=$(nginx_conf upstream "$UP_PORT" "
+    server { listen 127.0.0.1:$UP_PORT backlog=4096; location / { return 200 \"ok\"; }
+        location = /nginx_status { stub_status; } }")
+ng_conf=$(nginx_conf nginx-proxy "$NG_PORT" "
+    upstream app { server 127.0.0.1:$UP_PORT; keepalive 128; keepalive_requests 1000000; }
+    server {
+        listen 127.0.0.1:$NG_PORT backlog=4096;
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+        }
+    }")
+tg_conf=$(tollgate_conf tollgate "$TG_PORT" "$UP_PORT" "$TG_ADMIN")
+
+start_nginx upstream "$up_conf" "$LOAD_CORE" "$UP_PORT"; UP_PID=$STARTED
+start_nginx nginx-proxy "$ng_conf" "$PROXY_CORE" "$NG_PORT"; NG_PID=$STARTED
+start_tollgate tollgate "$tg_conf" "$PROXY_CORE" "$TG_PORT"; TG_PID=$STARTED
+
+for port in "$UP_PORT" "$NG_PORT" "$TG_PORT"; do
+    body=$(curl -s --max-time 5 "http://127.0.0.1:$port/") || die "no answer on $port"
+    [[ $body == ok ]] || die "unexpected body on port $port: $body"
+done
+
+# wrk's latency in µs.
+to_us() { awk -v v="$1" 'BEGIN { n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
+    if (u == "us") print n; else if (u == "ms") print n * 1000; else if (u == "s") print n * 1e6;
+    else if (u == "m") print n * 6e7; else print "nan" }'; }
+
+# Connections the upstream nginx has accepted so far (stub_status).
+upstream_accepts() {
+    curl -s --max-time 5 "http://127.0.0.1:$UP_PORT/nginx_status" | awk 'NR == 3 {print $1}'
+}
+
+# run name port pids... -> appends "rps p50 p99 cpu_us_per_req" to $TMP/name.results
+bench_http() {
+    local name=$1 port=$2 run=$3
+    shift 3
+    local pids=("$@") c0 c1 out a0 a1
+    a0=$(upstream_accepts)
+    c0=$(cpu_ticks "${pids[@]}")
+    out=$(taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency --timeout 5s \
+        "http://127.0.0.1:$port/")
+    c1=$(cpu_ticks "${pids[@]}")
+    a1=$(upstream_accepts)
+    echo "$out" >"$TMP/$name.wrk.$run"
+    local rps p50 p99 reqs non2xx sockerr
+    rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
+    p50=$(to_us "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+    p99=$(to_us "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+    reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+    non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+    sockerr=$(grep 'Socket errors' <<<"$out" || true)
+    [[ -n $non2xx ]] && ODD+=("$name run $run: $non2xx non-2xx responses")
+    [[ -n $sockerr ]] && ODD+=("$name run $run: ${sockerr# *}")
+    ((c1 > c0)) || ODD+=("$name run $run: proxy CPU did not move (is wrk reaching the proxy?)")
+    local cpu_us
+    cpu_us=$(awk -v t=$((c1 - c0)) -v hz="$CLK_TCK" -v r="$reqs" 'BEGIN { printf "%.2f", t / hz * 1e6 / r }')
+    local up_conns=$((a1 - a0 - 1)) # minus our own status request
+    echo "$rps $p50 $p99 $cpu_us $up_conns" >>"$TMP/$name.results"
+    log "$name run $run: $rps req/s, p50 ${p50}us, p99 ${p99}us, ${cpu_us} cpu-us/req ($reqs requests, $up_conns new upstream connections)"
+}
+
+# Warm both (connection pools, allocator, page cache), then interleave the measured runs so
+# slow drift in background load hits both proxies alike.
+taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$TG_PORT/" >/dev/null
+taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$NG_PORT/" >/dev/null
+mapfile -t NG_WORKERS < <(children "$NG_PID")
+for ((r = 1; r <= RUNS; r++)); do
+    bench_http tollgate "$TG_PORT" "$r" "$TG_PID"
+    bench_http nginx "$NG_PORT" "$r" "$NG_PID" "${NG_WORKERS[@]}"
+done
+stop "$TG_PID"
+stop "$NG_PID" TERM
+stop "$UP_PID" TERM
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 2. WebSocket memory
+
+if [[ $PHASES == *ws* ]]; then
+free_port WS_UP_PORT
+taskset -c "$LOAD_CORE" "$EXAMPLES/ws_echo" "127.0.0.1:$WS_UP_PORT" >"$TMP/ws_echo.log" 2>&1 &
+WS_UP_PID=$!
+PIDS+=("$WS_UP_PID")
+wait_port "$WS_UP_PORT" ws_echo "$WS_UP_PID"
+
+# name port rss_pid -> "opened before_kb after_kb kb_per_conn alive closed_kb"
+bench_ws() {
+    local name=$1 port=$2 rss_pid=$3 before after out ready result i
+    sleep 1
+    before=$(rss_kb "$rss_pid")
+    out=$TMP/$name.ws_hold
+    taskset -c "$LOAD_CORE" "$EXAMPLES/ws_hold" --connect "127.0.0.1:$port" --n "$WS_N" \
+        --concurrency 200 --hold-secs "$WS_HOLD" --open-timeout-secs 90 --sources "$WS_SOURCES" \
+        >"$out" 2>&1 &
+    local hold_pid=$!
+    PIDS+=("$hold_pid")
+    for ((i = 0; i < 1000; i++)); do # open timeout 90 s + margin
+        ready=$(grep '^READY' "$out" || true)
+        [[ -n $ready ]] && break
+        kill -0 "$hold_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    [[ -n $ready ]] || die "ws_hold through $name never got ready: $(tail -5 "$out")"
+    sleep 2 # let the last handshakes' buffers settle
+    after=$(rss_kb "$rss_pid")
+    for ((i = 0; i < 10 * (WS_HOLD + 60); i++)); do
+        kill -0 "$hold_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    stop "$hold_pid" KILL
+    sleep 2
+    local closed
+    closed=$(rss_kb "$rss_pid") # after every connection closed: what the proxy gives back
+    result=$(grep '^RESULT' "$out" || true)
+    [[ -n $result ]] || die "ws_hold through $name gave no result: $(tail -5 "$out")"
+    log "$name: $ready; $result; RSS ${before} -> ${after} KB"
+    grep '^ERROR' "$out" | sed "s/^/# $name ws_hold: /" >&2 || true
+    local opened alive
+    opened=$(sed -E 's/.* opened=([0-9]+).*/\1/' <<<"$result")
+    alive=$(sed -E 's/.* alive_after_hold=([0-9]+).*/\1/' <<<"$result")
+    ((opened == WS_N)) || ODD+=("$name WebSocket: only $opened of $WS_N opened ($result)")
+    ((alive == opened)) || ODD+=("$name WebSocket: $alive of $opened alive after ${WS_HOLD}s hold ($result)")
+    local per
+    per=$(awk -v a="$after" -v b="$before" -v n="$opened" 'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print "nan" }')
+    echo "$opened $before $after $per $alive $closed" >"$TMP/$name.ws"
+}
+
+free_port WS_TG_PORT
+free_port WS_NG_PORT
+free_port WS_TG_ADMIN
+ws_tg_conf=$(tollgate_conf tollgate-ws "$WS_TG_PORT" "$WS_UP_PORT" "$WS_TG_ADMIN")
+ws_ng_conf=$(nginx_conf nginx-ws "$WS_NG_PORT" "
+    map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
+    upstream ws { server 127.0.0.1:$WS_UP_PORT; }
+    server {
+        listen 127.0.0.1:$WS_NG_PORT backlog=4096;
+        location / {
+            proxy_pass http://ws;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Connection \$connection_upgrade;
+            proxy_set_header Host \$host;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+        }
+    }")
+
+start_tollgate tollgate-ws "$ws_tg_conf" "$PROXY_CORE" "$WS_TG_PORT"; TG_PID=$STARTED
+bench_ws tollgate "$WS_TG_PORT" "$TG_PID"
+stop "$TG_PID"
+start_nginx nginx-ws "$ws_ng_conf" "$PROXY_CORE" "$WS_NG_PORT"; NG_PID=$STARTED
+mapfile -t NG_WORKERS < <(children "$NG_PID")
+((${#NG_WORKERS[@]} == 1)) || die "expected one nginx worker, got: ${NG_WORKERS[*]}"
+bench_ws nginx "$WS_NG_PORT" "${NG_WORKERS[0]}"
+stop "$NG_PID" TERM
+stop "$WS_UP_PID" TERM
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Table
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+
+echo
+echo "Tollgate vs nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') — $(date -u +%F), $NCPU cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), load avg at end $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "Pinning: proxy under test on core $PROXY_CORE (tollgate threads: 1; nginx worker_processes 1);"
+echo "         wrk -t1 -c$CONNS -d${DURATION}s, the nginx 'return 200' upstream, ws_echo and ws_hold on core $LOAD_CORE."
+echo "CPU/req: utime+stime delta of the proxy (/proc/PID/stat; nginx master+worker) over the wrk run / requests."
+if [[ $PHASES == *http* ]]; then
+for n in tollgate nginx; do
+    for c in 1 2 3 4 5; do printf -v "M_${n}_$c" '%s' "$(median_col "$TMP/$n.results" "$c")"; done
+done
+echo
+echo "HTTP proxy, median of $RUNS runs   req/s      p50 µs    p99 µs    CPU µs/req   new upstream conns/run"
+printf '  %-30s %10.0f %9.0f %9.0f %10.2f %12s\n' tollgate "$M_tollgate_1" "$M_tollgate_2" "$M_tollgate_3" "$M_tollgate_4" "$M_tollgate_5"
+printf '  %-30s %10.0f %9.0f %9.0f %10.2f %12s\n' nginx "$M_nginx_1" "$M_nginx_2" "$M_nginx_3" "$M_nginx_4" "$M_nginx_5"
+printf '  %-30s %10s %9s %9s %10s\n' "tollgate/nginx" "$(ratio "$M_tollgate_1" "$M_nginx_1")" \
+    "$(ratio "$M_tollgate_2" "$M_nginx_2")" "$(ratio "$M_tollgate_3" "$M_nginx_3")" "$(ratio "$M_tollgate_4" "$M_nginx_4")"
+fi
+if [[ $PHASES == *ws* ]]; then
+read -r TG_WS_OPEN TG_WS_B TG_WS_A TG_WS_KB TG_WS_ALIVE TG_WS_C <"$TMP/tollgate.ws"
+read -r NG_WS_OPEN NG_WS_B NG_WS_A NG_WS_KB NG_WS_ALIVE NG_WS_C <"$TMP/nginx.ws"
+echo
+echo "Idle WebSockets (N=$WS_N, ${WS_HOLD}s hold)   opened   alive   RSS KB before → open    KB/conn   RSS KB after close"
+printf '  %-30s %8s %7s %10s → %-9s %8s %12s\n' tollgate "$TG_WS_OPEN" "$TG_WS_ALIVE" "$TG_WS_B" "$TG_WS_A" "$TG_WS_KB" "$TG_WS_C"
+printf '  %-30s %8s %7s %10s → %-9s %8s %12s\n' "nginx (worker)" "$NG_WS_OPEN" "$NG_WS_ALIVE" "$NG_WS_B" "$NG_WS_A" "$NG_WS_KB" "$NG_WS_C"
+printf '  %-30s %48s\n' "tollgate/nginx" "$(ratio "$TG_WS_KB" "$NG_WS_KB")"
+if [[ -n $WS_NOTE ]]; then echo "Note: $WS_NOTE"; fi
+fi
+if ((${#ODD[@]})); then
+    echo "Odd:"
+    printf '  %s\n' "${ODD[@]}"
+fi
