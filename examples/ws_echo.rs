@@ -8,7 +8,6 @@
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpListener;
-use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -33,10 +32,12 @@ async fn main() {
                 return;
             };
             while let Some(Ok(msg)) = ws.next().await {
-                match msg {
-                    Message::Text(_) | Message::Binary(_) if ws.send(msg).await.is_err() => break,
-                    Message::Close(_) => break,
-                    _ => {} // pings are answered by tungstenite itself
+                if msg.is_close() {
+                    break;
+                }
+                // Echo data frames; pings are answered by tungstenite itself.
+                if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                    break;
                 }
             }
         });
