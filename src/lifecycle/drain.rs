@@ -36,6 +36,7 @@ pub struct Drainer {
 impl BackgroundService for Drainer {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         crate::lifecycle::notify::ready(&self.pid_file);
+        spawn_fast_exit_on_sigint(self.gateway.clone());
         while !*shutdown.borrow() {
             if shutdown.changed().await.is_err() {
                 return;
@@ -107,6 +108,27 @@ async fn close_tunnels_paced(tunnels: Vec<Arc<crate::tunnel::TunnelHandle>>, spr
         tokio::time::sleep_until(start + step * i as u32).await;
         t.close();
     }
+}
+
+/// `SIGINT` ends the process at once, whatever state it is in. Pingora handles only the first
+/// signal it gets, so without this a `SIGINT` sent to a process already draining after
+/// `SIGTERM` or an upgrade would be ignored; and its own fast path waits on runtime shutdown.
+fn spawn_fast_exit_on_sigint(gateway: Arc<Gateway>) {
+    let Ok(mut sigint) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+    else {
+        tracing::warn!("cannot listen for SIGINT; relying on Pingora's handling");
+        return;
+    };
+    tokio::spawn(async move {
+        if sigint.recv().await.is_some() {
+            tracing::info!(
+                connections = gateway.metrics.connections_active.get(),
+                "SIGINT: exiting now"
+            );
+            gateway.access_log.flush(Duration::from_millis(200));
+            std::process::exit(0);
+        }
+    });
 }
 
 fn exit(gateway: &Gateway) -> ! {
