@@ -55,6 +55,8 @@ pub struct Status {
     pub pending_upgrade: Vec<String>,
     pub pid: u32,
     pub draining: bool,
+    /// What this process bound at start (listeners, admin, server).
+    pub bound: config::Bound,
 }
 
 /// Loads and compiles the config file: what start, reload and `tollgate check` all do. Reports
@@ -164,7 +166,8 @@ impl Gateway {
         state.last_reload = Some(SystemTime::now());
         match result {
             Ok((loaded, snap)) => {
-                let pending = restart_only_changes(&self.boot, &loaded.config);
+                let pending =
+                    config::Bound::of(&self.boot).changes(&config::Bound::of(&loaded.config));
                 for warning in &pending {
                     tracing::warn!("{}: {warning}", self.config_path.display());
                 }
@@ -215,6 +218,7 @@ impl Gateway {
             pending_upgrade: state.pending_upgrade.clone(),
             pid: std::process::id(),
             draining: self.metrics.draining.get() > 0,
+            bound: config::Bound::of(&self.boot),
         }
     }
 
@@ -236,21 +240,6 @@ impl Gateway {
             }
         }
     }
-}
-
-/// Settings that changed in the file but only take effect through a binary upgrade.
-pub fn restart_only_changes(running: &Config, new: &Config) -> Vec<String> {
-    let mut out = Vec::new();
-    if running.listeners != new.listeners {
-        out.push("`listeners` changed: listeners are bound at start; apply with a binary upgrade (tollgate upgrade). The rest of the change is live.".to_string());
-    }
-    if running.admin != new.admin {
-        out.push("`admin` changed: the admin listener is bound at start; apply with a binary upgrade. The rest of the change is live.".to_string());
-    }
-    if running.server != new.server {
-        out.push("`server` changed: threads, pool size and file paths are set at start; apply with a binary upgrade. The rest of the change is live.".to_string());
-    }
-    out
 }
 
 /// Reloads on `SIGHUP` and, when `reload.watch` is on, when the config file changes. On

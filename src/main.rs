@@ -103,12 +103,30 @@ fn check(path: &Path) -> ExitCode {
                 snap.upstreams.len(),
                 loaded.config.listeners.len()
             );
+            report_restart_only_changes(&loaded.config);
             ExitCode::SUCCESS
         }
         Err(errors) => {
             print_errors(&errors);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// When a tollgate answers on the file's admin address, says which changed settings it cannot
+/// apply by reload (they wait for `tollgate upgrade`).
+fn report_restart_only_changes(config: &tollgate::config::Config) {
+    let Ok(admin) = config.admin.address.parse() else {
+        return;
+    };
+    let running = tollgate::lifecycle::upgrade::fetch_status(admin).and_then(|s| {
+        serde_json::from_value::<tollgate::config::Bound>(s.get("bound")?.clone()).ok()
+    });
+    let Some(running) = running else {
+        return;
+    };
+    for change in running.changes(&tollgate::config::Bound::of(config)) {
+        println!("note: compared with the tollgate running on {admin}: {change}");
     }
 }
 

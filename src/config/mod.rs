@@ -420,6 +420,29 @@ mod tests {
     }
 
     #[test]
+    fn bound_settings_report_what_needs_an_upgrade() {
+        let a = load_str(
+            "t.yaml",
+            "listeners: [{ name: web, address: \"127.0.0.1:8080\" }]\n",
+        )
+        .unwrap();
+        let b = load_str(
+            "t.yaml",
+            "listeners: [{ name: web, address: \"127.0.0.1:8081\" }]\nserver: { threads: 7 }\nhttp: { via: true }\n",
+        )
+        .unwrap();
+        let (a, b) = (Bound::of(&a.config), Bound::of(&b.config));
+        let changes = a.changes(&b);
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        assert!(changes[0].starts_with("`listeners` changed"));
+        assert!(changes[1].starts_with("`server` changed"));
+        assert!(a.changes(&a).is_empty());
+        // What /status publishes reads back the same.
+        let json = serde_json::to_value(&b).unwrap();
+        assert_eq!(serde_json::from_value::<Bound>(json).unwrap(), b);
+    }
+
+    #[test]
     fn listener_addresses_are_checked() {
         let errs = errors_of("listeners: [{ name: web, address: \"localhost\" }, { name: web, address: \"1.2.3.4:1\" }]\n");
         assert!(

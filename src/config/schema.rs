@@ -12,6 +12,43 @@ use serde::Deserialize;
 
 use super::units::{ByteSize, Dur};
 
+/// The settings a process binds at start: changing them needs a binary upgrade. `/status`
+/// publishes the running process's, so `tollgate check` can say what a file would change.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
+pub struct Bound {
+    pub listeners: Vec<Listener>,
+    pub admin: Admin,
+    pub server: ServerSettings,
+}
+
+impl Bound {
+    pub fn of(config: &Config) -> Bound {
+        Bound {
+            listeners: config.listeners.clone(),
+            admin: config.admin.clone(),
+            server: config.server.clone(),
+        }
+    }
+
+    /// What differs in `new`, one sentence per section, for operators.
+    pub fn changes(&self, new: &Bound) -> Vec<String> {
+        let mut out = Vec::new();
+        let note = "it is bound at start: apply it with a binary upgrade (tollgate upgrade); the rest of the change is live";
+        if self.listeners != new.listeners {
+            out.push(format!("`listeners` changed; {note}"));
+        }
+        if self.admin != new.admin {
+            out.push(format!("`admin` changed; {note}"));
+        }
+        if self.server != new.server {
+            out.push(format!(
+                "`server` changed (threads, pool size, read buffer, file paths); {note}"
+            ));
+        }
+        out
+    }
+}
+
 /// A parsed, validated configuration. Built by `config::load`.
 #[derive(Debug, Clone, Default)]
 pub struct Config {
@@ -33,7 +70,7 @@ pub struct Config {
 
 /// A listening socket. Listeners are fixed for the life of a process (Pingora binds them at
 /// start); changing them needs the binary-upgrade path, everything else reloads live.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     pub name: String,
@@ -42,7 +79,7 @@ pub struct Listener {
 }
 
 /// The operator listener: Prometheus `/metrics` (and later the admin API). Loopback by default.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     #[serde(default = "default_admin_address")]
@@ -62,7 +99,7 @@ fn default_admin_address() -> String {
 }
 
 /// Process-level settings handed to Pingora at start (not hot: they need the upgrade path).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSettings {
     /// Worker threads for the proxy service.

@@ -17,6 +17,17 @@ impl Dur {
     }
 }
 
+/// Written back the way it is read (`1h30m`), so `/status` round-trips through the parser.
+impl serde::Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(
+            &humantime::format_duration(self.0)
+                .to_string()
+                .replace(' ', ""),
+        )
+    }
+}
+
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -71,6 +82,12 @@ impl ByteSize {
     }
 }
 
+impl serde::Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -109,6 +126,8 @@ mod tests {
         assert_eq!(d.get(), Duration::from_millis(250));
         let d: Dur = serde_yaml::from_str("1h30m").unwrap();
         assert_eq!(d.get(), Duration::from_secs(5400));
+        let back: Dur = serde_yaml::from_str(&serde_yaml::to_string(&d).unwrap()).unwrap();
+        assert_eq!(back, d, "Dur serializes the way it parses");
         let err = serde_yaml::from_str::<Dur>("5").unwrap_err().to_string();
         assert!(err.contains("needs a unit"), "{err}");
         assert!(serde_yaml::from_str::<Dur>("soon").is_err());

@@ -168,6 +168,11 @@ fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
 
 /// The pid the admin listener's `/status` reports (whichever process accepted).
 fn status_pid(admin: SocketAddr) -> Option<i32> {
+    fetch_status(admin)?.get("pid")?.as_i64().map(|p| p as i32)
+}
+
+/// `GET /status` from a running tollgate's admin listener, if one answers.
+pub fn fetch_status(admin: SocketAddr) -> Option<serde_json::Value> {
     let mut s = TcpStream::connect_timeout(&admin, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
     s.write_all(b"GET /status HTTP/1.1\r\nHost: tollgate\r\nConnection: close\r\n\r\n")
@@ -183,6 +188,5 @@ fn status_pid(admin: SocketAddr) -> Option<i32> {
     }
     let text = String::from_utf8_lossy(&out);
     let body = text.split_once("\r\n\r\n")?.1;
-    let v: serde_json::Value = serde_json::from_str(body).ok()?;
-    v.get("pid")?.as_i64().map(|p| p as i32)
+    serde_json::from_str(body).ok()
 }
