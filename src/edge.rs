@@ -145,9 +145,9 @@ async fn read_head(
     buf.clear();
     let max = http.max_header_bytes.get() as usize;
     // Waiting for the first byte: a new connection gets the header timeout, a kept-alive one
-    // the keep-alive timeout. Once the server drains, a kept-alive connection gets only
-    // `idle_grace` more: a request that arrives in time is still served (Pingora answers it
-    // with `Connection: close`), so a busy client never sees its connection cut mid-send.
+    // the keep-alive timeout. Once the server drains, a connection that has sent nothing gets
+    // only `idle_grace` more: a request that arrives in time is still served (Pingora answers
+    // it with `Connection: close`), so a busy client never sees its connection cut mid-send.
     let idle = if first {
         http.client_header_timeout.get()
     } else {
@@ -156,7 +156,7 @@ async fn read_head(
     let mut deadline = Instant::now() + idle;
     let mut shutdown = shutdown.clone();
     let mut draining = *shutdown.borrow();
-    if draining && !first {
+    if draining {
         deadline = deadline.min(Instant::now() + idle_grace);
     }
     loop {
@@ -168,7 +168,7 @@ async fn read_head(
             buf.reserve_exact(want - buf.len());
         }
         let read = async {
-            if buf.is_empty() && !first && !draining {
+            if buf.is_empty() && !draining {
                 tokio::select! {
                     r = stream.read_buf(buf) => Some(r),
                     _ = wait_shutdown(&mut shutdown) => None,

@@ -25,8 +25,11 @@ use crate::gateway::Gateway;
 const FINAL_GRACE: Duration = Duration::from_secs(30);
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(100);
+/// How long the listeners may take to start accepting at start.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Announces readiness when the server starts, then waits for shutdown and drains.
+/// Announces readiness once every listener accepts (or exits 1 if one never does), then waits
+/// for shutdown and drains.
 pub struct Drainer {
     pub gateway: Arc<Gateway>,
     pub pid_file: std::path::PathBuf,
@@ -35,15 +38,37 @@ pub struct Drainer {
 #[async_trait]
 impl BackgroundService for Drainer {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        crate::lifecycle::notify::ready(&self.pid_file);
         spawn_fast_exit_on_sigint(self.gateway.clone());
-        while !*shutdown.borrow() {
-            if shutdown.changed().await.is_err() {
-                return;
-            }
+        let boot = self.gateway.boot_config();
+        let mut addresses: Vec<String> = boot.listeners.iter().map(|l| l.address.clone()).collect();
+        addresses.push(boot.admin.address.clone());
+        // A shutdown that comes first (listeners then close) skips readiness and drains.
+        let mut early = shutdown.clone();
+        let listening = tokio::select! {
+            r = crate::lifecycle::notify::wait_listening(&addresses, LISTEN_TIMEOUT) => Some(r),
+            _ = wait_for_shutdown(&mut early) => None,
+        };
+        if let Some(Err(e)) = listening {
+            tracing::error!("not serving: {e} (see the listener error above); exiting");
+            exit_with(&self.gateway, 1);
         }
-        drain(&self.gateway).await;
+        if listening.is_some() {
+            crate::lifecycle::notify::ready(&self.pid_file);
+        }
+        if wait_for_shutdown(&mut shutdown).await {
+            drain(&self.gateway).await;
+        }
     }
+}
+
+/// True once shutdown is broadcast; false if the broadcaster is gone.
+async fn wait_for_shutdown(shutdown: &mut ShutdownWatch) -> bool {
+    while !*shutdown.borrow() {
+        if shutdown.changed().await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 async fn drain(gateway: &Gateway) {
@@ -132,6 +157,10 @@ fn spawn_fast_exit_on_sigint(gateway: Arc<Gateway>) {
 }
 
 fn exit(gateway: &Gateway) -> ! {
+    exit_with(gateway, 0)
+}
+
+fn exit_with(gateway: &Gateway, code: i32) -> ! {
     gateway.access_log.flush(Duration::from_secs(2));
-    std::process::exit(0)
+    std::process::exit(code)
 }

@@ -52,6 +52,68 @@ fn send(socket: &std::ffi::OsStr, msg: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Waits until this process holds a listening socket on the port of every address. Pingora
+/// binds listeners in their service threads and a failed bind only panics that thread, so this
+/// is how the process learns whether it really listens. (Connecting would not tell: another
+/// program may hold the port.) Returns the first address that never came up.
+pub async fn wait_listening(
+    addresses: &[String],
+    limit: std::time::Duration,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut ports = Vec::with_capacity(addresses.len());
+    for address in addresses {
+        let addr: std::net::SocketAddr = address
+            .parse()
+            .map_err(|_| format!("`{address}` is not an address"))?;
+        ports.push((address, addr.port()));
+    }
+    loop {
+        let mine = own_listening_ports();
+        match ports.iter().find(|(_, port)| !mine.contains(port)) {
+            None => return Ok(()),
+            Some((address, _)) if tokio::time::Instant::now() >= deadline => {
+                return Err(format!("this process is not listening on {address}"));
+            }
+            Some(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// TCP ports on which this process holds a socket in LISTEN state (Linux /proc).
+fn own_listening_ports() -> std::collections::HashSet<u16> {
+    let inodes: std::collections::HashSet<u64> = std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_string_lossy().into_owned();
+            t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect();
+    let mut ports = std::collections::HashSet::new();
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            if f.len() > 9 && f[3] == "0A" && f[9].parse().is_ok_and(|i: u64| inodes.contains(&i)) {
+                if let Some(port) = f[1]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                {
+                    ports.insert(port);
+                }
+            }
+        }
+    }
+    ports
+}
+
 /// Announces this process as ready and as the service's main process.
 pub fn ready(pid_file: &Path) {
     if let Err(e) = write_pid_file(pid_file) {
@@ -63,6 +125,15 @@ pub fn ready(pid_file: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_listening_ports_sees_our_sockets_only() {
+        let ours = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = ours.local_addr().unwrap().port();
+        assert!(own_listening_ports().contains(&port));
+        drop(ours);
+        assert!(!own_listening_ports().contains(&port));
+    }
 
     #[test]
     fn pid_files_round_trip() {
