@@ -12,6 +12,22 @@ fn body_of(gw: &Gateway, req: Req) -> String {
     format!("{} {}", r.status, r.text())
 }
 
+/// A gateway with one route that proxies every request to `backend`.
+fn proxy_everything_to(backend: &HttpBackend) -> Gateway {
+    Gateway::start(
+        &config(
+            r#"
+upstreams:
+  app: { backends: [ { address: "$B1" } ] }
+routes:
+  - name: all
+    upstream: app
+"#,
+        )
+        .replace("$B1", &backend.addr()),
+    )
+}
+
 #[test]
 fn hosts_exact_wildcard_catch_all_and_precedence() {
     // Declared least specific first: precedence must not come from order here.
@@ -560,18 +576,7 @@ routes:
 #[test]
 fn hop_by_hop_headers_do_not_reach_the_upstream() {
     let b1 = HttpBackend::start("b1");
-    let gw = Gateway::start(
-        &config(
-            r#"
-upstreams:
-  app: { backends: [ { address: "$B1" } ] }
-routes:
-  - name: all
-    upstream: app
-"#,
-        )
-        .replace("$B1", &b1.addr()),
-    );
+    let gw = proxy_everything_to(&b1);
     let hop_free = |e: &common::Echo, case: &str| {
         for h in [
             "x-secret-hop",
@@ -795,18 +800,7 @@ fn raw_exchange(gw: &Gateway, bytes: &[u8]) -> common::RawResponse {
 #[test]
 fn malformed_requests_get_400_json_with_request_id() {
     let b1 = HttpBackend::start("b1");
-    let gw = Gateway::start(
-        &config(
-            r#"
-upstreams:
-  app: { backends: [ { address: "$B1" } ] }
-routes:
-  - name: all
-    upstream: app
-"#,
-        )
-        .replace("$B1", &b1.addr()),
-    );
+    let gw = proxy_everything_to(&b1);
     let cases: [(&str, &[u8]); 4] = [
         ("garbage request line", b"HELLO\r\n\r\n"),
         ("non-numeric Content-Length", b"POST /a HTTP/1.1\r\nHost: a.test\r\nContent-Length: abc\r\n\r\nhello"),
@@ -843,18 +837,7 @@ routes:
 #[ignore = "Pingora 0.9 has no HTTP/1.1 pipelining (cloudflare/pingora#377): the 2nd request is dropped"]
 fn pipelined_requests_are_answered_in_order() {
     let b1 = HttpBackend::start("b1");
-    let gw = Gateway::start(
-        &config(
-            r#"
-upstreams:
-  app: { backends: [ { address: "$B1" } ] }
-routes:
-  - name: all
-    upstream: app
-"#,
-        )
-        .replace("$B1", &b1.addr()),
-    );
+    let gw = proxy_everything_to(&b1);
     let mut c = RawConn::connect(gw.addr()).unwrap();
     c.set_read_timeout(Duration::from_secs(5));
     c.send_raw(b"GET /p1 HTTP/1.1\r\nHost: a.test\r\n\r\nGET /p2 HTTP/1.1\r\nHost: a.test\r\n\r\n")
