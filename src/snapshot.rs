@@ -96,24 +96,20 @@ pub fn compile(
         }
     }
 
-    let mut bindings = Vec::new();
+    // (upstream index, subset per split target) of each route.
+    let mut bindings: Vec<(Option<usize>, Vec<SubsetId>)> = Vec::new();
     if let Some(router) = &router {
         for route in router.routes() {
             let path = error::index("routes", route.index);
-            let mut binding = Binding {
-                upstream: None,
-                subsets: Vec::new(),
-                metrics: metrics.route(&route.name, ""),
-            };
+            let mut binding = (None, Vec::new());
             if let Action::Proxy { upstream } = &route.action {
                 // Unknown or broken upstreams were reported above.
                 if let Some(&ui) = by_name.get(upstream.as_str()) {
-                    binding.upstream = Some(ui);
-                    binding.metrics = metrics.route(&route.name, upstream);
+                    binding.0 = Some(ui);
                     let n_rules = route.split.targets().len().saturating_sub(1);
                     for (t, labels) in route.split.targets().iter().enumerate() {
                         match upstreams[ui].subset(labels) {
-                            Ok(s) => binding.subsets.push(s),
+                            Ok(s) => binding.1.push(s),
                             Err(msg) => {
                                 let field = if t < n_rules {
                                     error::join(
@@ -136,13 +132,82 @@ pub fn compile(
     match router {
         Some(router) if errors.is_empty() => Ok(Snapshot {
             generation,
+            // Metric handles only now: a refused config must not register label sets.
+            bindings: router
+                .routes()
+                .iter()
+                .zip(bindings)
+                .map(|(route, (upstream, subsets))| Binding {
+                    upstream,
+                    subsets,
+                    metrics: metrics.route(
+                        &route.name,
+                        upstream.map_or("", |i: usize| upstreams[i].name.as_str()),
+                    ),
+                })
+                .collect(),
             router,
-            bindings,
             upstreams: upstreams.into_iter().map(Arc::new).collect(),
             http: cfg.http.clone(),
             drain_idle_grace: cfg.drain.idle_grace.get(),
             unrouted: metrics.route(NO_ROUTE, ""),
         }),
         _ => Err(errors),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile_text(text: &str, metrics: &Metrics) -> Result<Snapshot, Vec<FieldError>> {
+        let loaded = crate::config::load_str("t.yaml", text).expect("the file parses");
+        compile(&loaded.config, &Registry::new(), metrics, 1)
+    }
+
+    #[test]
+    fn metric_series_exist_only_for_live_routes_with_their_upstream() {
+        let metrics = Metrics::new();
+        let head = "listeners: [{ name: web, address: \"127.0.0.1:8080\" }]\n\
+                    upstreams: { app: { backends: [{ address: \"127.0.0.1:9000\" }] } }\n";
+        compile_text(
+            &format!("{head}routes: [{{ name: live, upstream: app }}]\n"),
+            &metrics,
+        )
+        .unwrap();
+        let refused = format!(
+            "{head}routes: [{{ name: refused, upstream: app, match: {{ path_regex: \"(\" }} }}]\n"
+        );
+        assert!(compile_text(&refused, &metrics).is_err());
+        let text = String::from_utf8(metrics.render()).unwrap();
+        assert!(
+            text.contains(r#"route="live",status="2xx",upstream="app""#),
+            "{text}"
+        );
+        assert!(
+            !text.contains(r#"route="live",status="2xx",upstream="""#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"route="refused""#), "{text}");
+    }
+
+    #[test]
+    fn routes_bind_their_upstream_and_split_subsets() {
+        let metrics = Metrics::new();
+        let snap = compile_text(
+            "listeners: [{ name: web, address: \"127.0.0.1:8080\" }]\n\
+             upstreams: { app: { backends: [{ address: \"127.0.0.1:9000\", labels: { v: new } }, { address: \"127.0.0.1:9001\" }] } }\n\
+             routes:\n  - { name: a, upstream: app, split: [{ weight: 10, labels: { v: new } }] }\n  - { name: b, respond: { status: 204 } }\n",
+            &metrics,
+        )
+        .unwrap();
+        assert_eq!(snap.bindings[0].upstream, Some(0));
+        assert_eq!(
+            snap.bindings[0].subsets.len(),
+            2,
+            "one per split rule plus the default"
+        );
+        assert_eq!(snap.bindings[1].upstream, None);
+        assert!(snap.bindings[1].subsets.is_empty());
     }
 }
