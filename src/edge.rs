@@ -242,11 +242,13 @@ fn parse_head(buf: &[u8], max_headers: usize) -> Parsed {
 /// repeated with different values (§6.3); `Content-Length` together with `Transfer-Encoding`.
 fn well_framed(req: &httparse::Request<'_, '_>) -> bool {
     let mut hosts = 0;
+    let mut host_value: &[u8] = b"";
     let mut length: Option<&[u8]> = None;
     let mut chunked = false;
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("host") {
             hosts += 1;
+            host_value = h.value;
         } else if h.name.eq_ignore_ascii_case("content-length") {
             for v in h.value.split(|b| *b == b',') {
                 let v = v.trim_ascii();
@@ -267,7 +269,20 @@ fn well_framed(req: &httparse::Request<'_, '_>) -> bool {
     } else {
         hosts <= 1
     };
-    host_ok && !(chunked && length.is_some())
+    host_ok && !(chunked && length.is_some()) && target_agrees_with_host(req.path, host_value)
+}
+
+/// An absolute-form target (`http://a.example/x`) must name the same authority as `Host`
+/// (RFC 9112 §3.2.2); Pingora rejects a mismatch too, but without our JSON body.
+fn target_agrees_with_host(path: Option<&str>, host: &[u8]) -> bool {
+    let Some(rest) = path.and_then(|p| {
+        p.strip_prefix("http://")
+            .or_else(|| p.strip_prefix("https://"))
+    }) else {
+        return true;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    authority.as_bytes().eq_ignore_ascii_case(host.trim_ascii())
 }
 
 /// `GET` over HTTP/1.1 with `Upgrade: websocket` (RFC 6455 §4.1).
@@ -337,6 +352,7 @@ mod tests {
             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: abc\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET http://a.test/x HTTP/1.1\r\nHost: b.test\r\n\r\n",
         ] {
             assert!(matches!(parse_head(bad, 100), Parsed::Invalid), "{}", String::from_utf8_lossy(bad));
         }

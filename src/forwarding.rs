@@ -77,12 +77,10 @@ pub fn upstream_request(
     if websocket {
         let _ = req.insert_header(CONNECTION, "Upgrade");
     }
-    let host = req
-        .headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri.authority().map(|a| a.to_string()));
+    // The same host the router matched on.
+    let host = crate::router::RequestHead::from_parts(req)
+        .host
+        .map(str::to_owned);
 
     if let Some(ip) = client.ip {
         let ip_text = ip.to_string();

@@ -852,3 +852,46 @@ fn pipelined_requests_are_answered_in_order() {
     });
     assert_eq!(r2.echo().path(), "/p2");
 }
+
+/// An absolute-form request target must agree with its Host header (RFC 9112 3.2.2): then it
+/// routes by that host; a mismatch is a 400 with the gateway's JSON body, never routed.
+#[test]
+fn absolute_form_targets_must_agree_with_host() {
+    let b1 = HttpBackend::start("b1");
+    let gw = Gateway::start(
+        &config(
+            r#"
+upstreams:
+  app: { backends: [ { address: "$B1" } ] }
+routes:
+  - name: api
+    match: { hosts: [api.test] }
+    upstream: app
+  - name: other
+    respond: { body: other }
+"#,
+        )
+        .replace("$B1", &b1.addr()),
+    );
+    let resp = raw_exchange(
+        &gw,
+        b"GET http://api.test/x?q=1 HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let echo: serde_json::Value = serde_json::from_slice(&resp.body).expect("the backend answered");
+    assert_eq!(echo["backend"], "b1");
+
+    let resp = raw_exchange(
+        &gw,
+        b"GET http://api.test/x HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(resp.status, 400, "{}", resp.text());
+    let body: serde_json::Value = serde_json::from_slice(&resp.body).expect("a JSON error body");
+    assert_eq!(body["error"], "bad_request");
+    assert!(body["request_id"].as_str().is_some_and(|id| !id.is_empty()));
+    assert_eq!(
+        b1.hits(),
+        1,
+        "the mismatched request never reached the upstream"
+    );
+}

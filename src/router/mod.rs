@@ -66,18 +66,20 @@ pub struct RequestHead<'a> {
 }
 
 impl<'a> RequestHead<'a> {
-    /// Reads a request head. The host is the `Host` header, or the URI authority (without
-    /// user info) when there is no usable `Host` header.
+    /// Reads a request head. The host is the URI authority (without user info) when the
+    /// request has one, otherwise the `Host` header.
     pub fn from_parts(parts: &'a http::request::Parts) -> Self {
+        // An absolute-form target (`GET http://host/...`, and HTTP/2's :authority) names the
+        // host; a Host header then does not count (RFC 9112 §3.2.2).
         let host = parts
-            .headers
-            .get(http::header::HOST)
-            .and_then(|v| v.to_str().ok())
+            .uri
+            .authority()
+            .map(|a| a.as_str().rsplit_once('@').map_or(a.as_str(), |(_, h)| h))
             .or_else(|| {
                 parts
-                    .uri
-                    .authority()
-                    .map(|a| a.as_str().rsplit_once('@').map_or(a.as_str(), |(_, h)| h))
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|v| v.to_str().ok())
             });
         Self {
             method: &parts.method,

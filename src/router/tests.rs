@@ -578,8 +578,8 @@ fn request_head_reads_parts() {
     let head = RequestHead::from_parts(&parts);
     assert_eq!(
         head.host,
-        Some("Example.com:81"),
-        "Host header wins over the authority"
+        Some("auth.example.com"),
+        "an absolute-form authority wins over the Host header (RFC 9112 3.2.2)"
     );
     assert_eq!(head.path, "/p/a");
     assert_eq!(head.query, Some("x=1&y"));
