@@ -64,8 +64,7 @@ impl ServerApp for Edge {
         let mut persistent: Option<HttpPersistentSettings> = None;
         let mut first = true;
         loop {
-            let http = self.gateway.http_settings();
-            let idle_grace = self.gateway.drain_idle_grace();
+            let (http, idle_grace) = self.gateway.connection_settings();
             match read_head(&mut stream, &mut buf, &http, first, shutdown, idle_grace).await {
                 Head::Closed => return None,
                 Head::Reject(r) => {

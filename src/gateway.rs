@@ -123,17 +123,13 @@ impl Gateway {
         self.snapshot.load_full()
     }
 
-    /// Request-hygiene limits of the current config, for the connection loop (a guard load:
-    /// no reference count taken; the request itself then takes the snapshot in `proxy`).
+    /// What the connection loop needs before a request has a snapshot of its own: the
+    /// request-hygiene limits and `drain.idle_grace`, from one guard load (no reference count
+    /// taken; the request itself then takes the snapshot in `proxy`).
     #[inline]
-    pub fn http_settings(&self) -> config::HttpSettings {
-        self.snapshot.load().http.clone()
-    }
-
-    /// `drain.idle_grace` for the connection loop (a lock-free read of the snapshot).
-    #[inline]
-    pub fn drain_idle_grace(&self) -> std::time::Duration {
-        self.snapshot.load().drain_idle_grace
+    pub fn connection_settings(&self) -> (config::HttpSettings, std::time::Duration) {
+        let snap = self.snapshot.load();
+        (snap.http.clone(), snap.drain_idle_grace)
     }
 
     /// The `drain` settings of the config now in force (read when a drain starts).
