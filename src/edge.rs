@@ -25,6 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{timeout_at, Instant};
 
 use crate::gateway::Gateway;
+use crate::lifecycle::drain::wait_for_shutdown;
 use crate::proxy::Proxy;
 use crate::respond::{request_id, Reject};
 use crate::tunnel;
@@ -170,7 +171,11 @@ async fn read_head(
             if buf.is_empty() && !draining {
                 tokio::select! {
                     r = stream.read_buf(buf) => Some(r),
-                    _ = wait_shutdown(&mut shutdown) => None,
+                    _ = async {
+                        if !wait_for_shutdown(&mut shutdown).await {
+                            std::future::pending::<()>().await; // no broadcaster: no shutdown
+                        }
+                    } => None,
                 }
             } else {
                 Some(stream.read_buf(buf).await)
@@ -200,14 +205,6 @@ async fn read_head(
             Parsed::Partial => {}
             Parsed::TooManyHeaders => return Head::Reject(Reject::HeadersTooLarge),
             Parsed::Invalid => return Head::Reject(Reject::BadRequest),
-        }
-    }
-}
-
-async fn wait_shutdown(shutdown: &mut ShutdownWatch) {
-    while !*shutdown.borrow() {
-        if shutdown.changed().await.is_err() {
-            std::future::pending::<()>().await;
         }
     }
 }
@@ -289,10 +286,7 @@ pub fn is_websocket_upgrade(req: &httparse::Request<'_, '_>) -> bool {
     req.method == Some("GET")
         && req.version == Some(1)
         && req.headers.iter().any(|h| {
-            h.name.eq_ignore_ascii_case("upgrade")
-                && h.value
-                    .split(|b| *b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+            h.name.eq_ignore_ascii_case("upgrade") && crate::forwarding::names_websocket(h.value)
         })
 }
 

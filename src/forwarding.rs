@@ -19,11 +19,17 @@ pub const X_REQUEST_ID: &str = "x-request-id";
 /// True for a WebSocket handshake (`Upgrade: websocket`); other upgrades (`h2c`) are not
 /// passed on.
 pub fn is_websocket(req: &RequestHeader) -> bool {
-    req.headers.get_all(UPGRADE).iter().any(|v| {
-        v.as_bytes()
-            .split(|b| *b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
-    })
+    req.headers
+        .get_all(UPGRADE)
+        .iter()
+        .any(|v| names_websocket(v.as_bytes()))
+}
+
+/// Whether an `Upgrade` header value lists the `websocket` token.
+pub fn names_websocket(upgrade: &[u8]) -> bool {
+    upgrade
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
 }
 
 /// What the gateway knows about the client connection.

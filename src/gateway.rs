@@ -247,6 +247,16 @@ pub struct ConfigWatcher {
     pub binary: PathBuf,
 }
 
+/// The next delivery of a signal; never, if listening for it could not be set up.
+async fn next_signal(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal.as_mut() {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 #[derive(PartialEq, Eq, Clone, Copy)]
 struct FileStamp {
     modified: Option<SystemTime>,
@@ -324,11 +334,11 @@ impl BackgroundService for ConfigWatcher {
             };
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = async { match hangup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
+                _ = next_signal(&mut hangup) => {
                     last = stamp(&path);
                     self.reload("SIGHUP").await;
                 }
-                _ = async { match usr2.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {
+                _ = next_signal(&mut usr2) => {
                     self.start_upgrade();
                 }
                 _ = tokio::time::sleep(interval) => {

@@ -235,11 +235,7 @@ pub fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Plan {
         subset,
         hash,
         idle_timeout: route.websocket.idle_timeout.get(),
-        response_edits: HeaderEdits {
-            remove: route.response_headers.remove.clone(),
-            set: route.response_headers.set.clone(),
-            add: route.response_headers.add.clone(),
-        },
+        response_edits: route.response_headers.clone(),
         http: snap.http.clone(),
         metrics: binding.metrics.clone(),
         client,

@@ -62,7 +62,7 @@ impl BackgroundService for Drainer {
 }
 
 /// True once shutdown is broadcast; false if the broadcaster is gone.
-async fn wait_for_shutdown(shutdown: &mut ShutdownWatch) -> bool {
+pub async fn wait_for_shutdown(shutdown: &mut ShutdownWatch) -> bool {
     while !*shutdown.borrow() {
         if shutdown.changed().await.is_err() {
             return false;
