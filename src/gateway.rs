@@ -18,6 +18,9 @@ use pingora_core::services::background::BackgroundService;
 
 use crate::config::{self, Config, ConfigError};
 use crate::observe::{AccessLog, Metrics};
+use crate::policy::auth::jwks::JwksRegistry;
+use crate::policy::auth::nonce::NonceStore;
+use crate::policy::auth::ConsumerTable;
 use crate::snapshot::{self, Snapshot};
 use crate::tunnel::TunnelRegistry;
 use crate::upstream::Registry;
@@ -28,6 +31,10 @@ pub struct Gateway {
     pub metrics: Metrics,
     pub access_log: AccessLog,
     pub tunnels: TunnelRegistry,
+    /// JWKS fetched from URLs: keys survive reloads.
+    pub jwks: Arc<JwksRegistry>,
+    /// HMAC nonces seen: replay protection survives reloads.
+    pub nonces: NonceStore,
     config_path: PathBuf,
     /// The config this process started with: listeners, admin and server settings are bound at
     /// start and only change through a binary upgrade.
@@ -57,26 +64,102 @@ pub struct Status {
     pub draining: bool,
     /// What this process bound at start (listeners, admin, server).
     pub bound: config::Bound,
+    /// JWKS URLs in use: keys loaded, last success, failures.
+    pub jwks: Vec<crate::policy::auth::jwks::JwksStatus>,
+    /// HMAC nonces remembered (replay protection).
+    pub hmac_nonces: usize,
 }
 
-/// Loads and compiles the config file: what start, reload and `tollgate check` all do. Reports
-/// every error of every stage at once, in file order: a section that fails to parse does not
-/// hide the cross-reference and compile errors of the rest.
+/// Loads and compiles the config file and the files it includes: what start, reload and
+/// `tollgate check` all do. Reports every error of every stage at once, in file order: a
+/// section that fails to parse does not hide the cross-reference and compile errors of the rest.
 pub fn build(
     path: &Path,
     registry: &Registry,
     metrics: &Metrics,
+    jwks: &JwksRegistry,
     generation: u64,
 ) -> Result<(config::Loaded, Snapshot), Vec<ConfigError>> {
     let (loaded, mut errors) = config::load_lenient(path)?;
-    match snapshot::compile(&loaded.config, registry, metrics, generation) {
-        Ok(snap) if errors.is_empty() => return Ok((loaded, snap)),
+    let mut files = Vec::new();
+    let consumers = match &loaded.config.include.consumers {
+        None => Some(Arc::new(ConsumerTable::default())),
+        Some(rel) => {
+            let cpath = included(path, rel);
+            files.push(cpath.clone());
+            if let Err(e) = std::fs::metadata(&cpath) {
+                // Point at the line that names the file, not at a file that is not there.
+                errors.extend(loaded.locate(&[config::FieldError::new(
+                    "include.consumers",
+                    format!("cannot read `{}`: {e}", cpath.display()),
+                )]));
+                None
+            } else {
+                consumer_table(&cpath, jwks, &mut files, &mut errors)
+            }
+        }
+    };
+    // Errors so far (parse errors, consumers.yaml) refuse the config; compiling still runs to
+    // report its own, but must not register metric series for a refused config.
+    let refused = !errors.is_empty();
+    match snapshot::compile(
+        &loaded.config,
+        consumers,
+        refused,
+        registry,
+        metrics,
+        generation,
+    ) {
+        Ok(mut snap) if errors.is_empty() => {
+            snap.files = files;
+            return Ok((loaded, snap));
+        }
         Ok(_) => {}
         Err(compile_errors) => errors.extend(loaded.locate(&compile_errors)),
     }
-    errors.sort_by_key(|e| (e.line, e.column));
+    let main = loaded.source.file.clone();
+    errors.sort_by(|a, b| {
+        (a.file != main, &a.file, a.line, a.column).cmp(&(
+            b.file != main,
+            &b.file,
+            b.line,
+            b.column,
+        ))
+    });
     errors.dedup();
     Err(errors)
+}
+
+/// A path named in the config, relative to the config file's directory.
+fn included(config_path: &Path, rel: &str) -> PathBuf {
+    let rel = Path::new(rel);
+    match config_path.parent() {
+        Some(dir) if rel.is_relative() => dir.join(rel),
+        _ => rel.to_path_buf(),
+    }
+}
+
+/// Loads and compiles consumers.yaml. The table comes back even when the file has errors
+/// (they go to `errors`), so that routes' references to it can still be checked.
+fn consumer_table(
+    path: &Path,
+    jwks: &JwksRegistry,
+    files: &mut Vec<PathBuf>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Arc<ConsumerTable>> {
+    let (loaded, broken, parse_errors) = match config::load_consumers(path) {
+        Ok(x) => x,
+        Err(e) => {
+            errors.extend(e);
+            return None;
+        }
+    };
+    errors.extend(parse_errors);
+    let base = path.parent().unwrap_or(Path::new("."));
+    let (table, compile_errors) = ConsumerTable::compile(&loaded.file, &broken, base, jwks);
+    files.extend(table.files.iter().cloned());
+    errors.extend(loaded.locate(&compile_errors));
+    Some(Arc::new(table))
 }
 
 impl Gateway {
@@ -84,7 +167,8 @@ impl Gateway {
     pub fn start(config_path: &Path) -> Result<Arc<Gateway>, Vec<ConfigError>> {
         let metrics = Metrics::new();
         let registry = Registry::new();
-        let (loaded, snap) = build(config_path, &registry, &metrics, 1)?;
+        let jwks = Arc::new(JwksRegistry::new());
+        let (loaded, snap) = build(config_path, &registry, &metrics, &jwks, 1)?;
         let access_log = AccessLog::start(
             &loaded.config.access_log,
             metrics.access_log_dropped.clone(),
@@ -106,6 +190,11 @@ impl Gateway {
             metrics,
             access_log,
             tunnels,
+            nonces: NonceStore::new(
+                loaded.config.auth.nonce_capacity,
+                2 * config::MAX_HMAC_CLOCK_SKEW.get(),
+            ),
+            jwks,
             config_path: config_path.to_path_buf(),
             boot: loaded.config.clone(),
             state: Mutex::new(ReloadState {
@@ -158,7 +247,13 @@ impl Gateway {
         // One reload at a time; requests never take this lock.
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let generation = self.snapshot.load().generation + 1;
-        let result = build(&self.config_path, &self.registry, &self.metrics, generation);
+        let result = build(
+            &self.config_path,
+            &self.registry,
+            &self.metrics,
+            &self.jwks,
+            generation,
+        );
         state.last_reload = Some(SystemTime::now());
         match result {
             Ok((loaded, snap)) => {
@@ -215,6 +310,8 @@ impl Gateway {
             pid: std::process::id(),
             draining: self.metrics.draining.get() > 0,
             bound: config::Bound::of(&self.boot),
+            jwks: self.jwks.statuses(),
+            hmac_nonces: self.nonces.len(),
         }
     }
 
@@ -300,6 +397,15 @@ impl ConfigWatcher {
         }
     }
 
+    /// Stamps of the config file and of every file the serving snapshot was read from.
+    fn stamps(&self) -> Vec<Option<FileStamp>> {
+        let snap = self.gateway.current();
+        std::iter::once(self.gateway.config_path())
+            .chain(snap.files.iter().map(PathBuf::as_path))
+            .map(stamp)
+            .collect()
+    }
+
     async fn reload(&self, why: &str) {
         tracing::info!("reloading config ({why})");
         let gw = self.gateway.clone();
@@ -322,8 +428,7 @@ impl BackgroundService for ConfigWatcher {
         };
         let mut usr2 =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2()).ok();
-        let path = self.gateway.config_path().to_path_buf();
-        let mut last = stamp(&path);
+        let mut last = self.stamps();
         loop {
             let (watch, interval) = {
                 let s = self.gateway.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -335,7 +440,7 @@ impl BackgroundService for ConfigWatcher {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = next_signal(&mut hangup) => {
-                    last = stamp(&path);
+                    last = self.stamps();
                     self.reload("SIGHUP").await;
                 }
                 _ = next_signal(&mut usr2) => {
@@ -345,16 +450,16 @@ impl BackgroundService for ConfigWatcher {
                     if !watch {
                         continue;
                     }
-                    let now = stamp(&path);
-                    if now.is_some() && now != last {
-                        // Let a writer finish: reload once the file has been still for a moment.
+                    let now = self.stamps();
+                    if now[0].is_some() && now != last {
+                        // Let a writer finish: reload once the files have been still for a moment.
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                        let settled = stamp(&path);
-                        if settled != now {
+                        if self.stamps() != now {
                             continue;
                         }
-                        last = settled;
                         self.reload("file changed").await;
+                        // The reload may have changed which files are included.
+                        last = self.stamps();
                     }
                 }
             }

@@ -8,6 +8,7 @@ pub mod forwarding;
 pub mod gateway;
 pub mod lifecycle;
 pub mod observe;
+pub mod policy;
 pub mod proxy;
 pub mod respond;
 pub mod router;

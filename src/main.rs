@@ -94,7 +94,13 @@ fn print_errors(errors: &[ConfigError]) {
 /// `tollgate check`: everything a reload would do, short of swapping the snapshot.
 fn check(path: &Path) -> ExitCode {
     let metrics = tollgate::observe::Metrics::new();
-    match build(path, &Registry::new(), &metrics, 1) {
+    match build(
+        path,
+        &Registry::new(),
+        &metrics,
+        &tollgate::policy::auth::jwks::JwksRegistry::new(),
+        1,
+    ) {
         Ok((loaded, snap)) => {
             println!(
                 "{}: ok ({} routes, {} upstreams, {} listeners)",
@@ -210,10 +216,18 @@ fn run(cli: &Cli) -> ExitCode {
         HealthChecker::new(Arc::new(move || source.current().upstreams.clone())),
     );
 
+    let jwks = background_service(
+        "jwks fetch",
+        tollgate::policy::auth::jwks::JwksFetcher {
+            registry: gateway.jwks.clone(),
+        },
+    );
+
     server.add_service(edge);
     server.add_service(admin);
     server.add_service(watcher);
     server.add_service(health);
+    server.add_service(jwks);
     server.add_service(drainer);
     tracing::info!(
         config = %cli.conf.display(),

@@ -26,6 +26,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::forwarding::{self, Client, X_REQUEST_ID};
 use crate::gateway::Gateway;
 use crate::observe::{access_log::now_rfc3339, AccessRecord};
+use crate::policy::auth::{self, Identity, RoutePolicy};
 use crate::respond::{request_id, Reject};
 use crate::router::{Action, RequestHead};
 use crate::snapshot::Snapshot;
@@ -53,6 +54,7 @@ pub struct Ctx {
     body_seen: u64,
     upstream_started: Option<Instant>,
     upstream_done: Option<Instant>,
+    identity: Option<Identity>,
 }
 
 fn idempotent(method: &http::Method) -> bool {
@@ -64,6 +66,64 @@ fn idempotent(method: &http::Method) -> bool {
 }
 
 impl Proxy {
+    /// Runs the route's auth policy; the identity goes into `ctx`. Reads the request body
+    /// first when the policy needs it (HMAC-signed forms, Content-MD5): it is kept in Pingora's
+    /// retry buffer, which replays it to the upstream, hence the 64 KiB cap.
+    async fn authenticate(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        snap: &Snapshot,
+        policy: &RoutePolicy,
+    ) -> std::result::Result<(), Reject> {
+        let mut body = None;
+        if policy.needs_body(session.req_header()) {
+            if let Err(f) = policy.precheck(session.req_header()) {
+                policy.record(&self.gateway.metrics.auth, &Err(f));
+                return Err(Reject::Auth(f));
+            }
+            let max = policy.max_body().min(ctx.max_body);
+            let declared = session
+                .req_header()
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > max) {
+                return Err(Reject::BodyTooLarge);
+            }
+            session.enable_retry_buffering();
+            let mut buf = Vec::new();
+            loop {
+                match session.read_request_body().await {
+                    Ok(Some(chunk)) => {
+                        if (buf.len() + chunk.len()) as u64 > max {
+                            return Err(Reject::BodyTooLarge);
+                        }
+                        buf.extend_from_slice(&chunk);
+                    }
+                    Ok(None) => break,
+                    Err(e) => return Err(classify(&e)),
+                }
+            }
+            body = Some(buf);
+        }
+        let outcome = policy.authenticate(
+            session.req_header(),
+            body.as_deref(),
+            &snap.consumers,
+            &self.gateway.nonces,
+        );
+        policy.record(&self.gateway.metrics.auth, &outcome);
+        match outcome {
+            Ok(identity) => {
+                ctx.identity = Some(identity);
+                Ok(())
+            }
+            Err(f) => Err(Reject::Auth(f)),
+        }
+    }
+
     /// Writes a gateway error as JSON. Used before proxying starts.
     async fn reject(&self, session: &mut Session, ctx: &mut Ctx, r: Reject) -> Result<bool> {
         ctx.reject = Some(r);
@@ -80,6 +140,9 @@ async fn write_json_error(session: &mut Session, r: Reject, request_id: &str) {
     let _ = resp.insert_header("content-type", "application/json");
     let _ = resp.insert_header("content-length", body.len());
     let _ = resp.insert_header(X_REQUEST_ID, request_id);
+    if let Some(c) = r.challenge() {
+        let _ = resp.insert_header(http::header::WWW_AUTHENTICATE, c);
+    }
     if matches!(
         r,
         Reject::BodyTooLarge | Reject::BadRequest | Reject::BodyTimeout
@@ -120,6 +183,7 @@ impl ProxyHttp for Proxy {
             body_seen: 0,
             upstream_started: None,
             upstream_done: None,
+            identity: None,
         }
     }
 
@@ -150,13 +214,26 @@ impl ProxyHttp for Proxy {
         session.set_read_timeout(Some(snap.http.client_body_timeout.get()));
         ctx.snap = Some(snap.clone());
 
-        let req = session.req_header();
-        let head = RequestHead::from_parts(req);
-        let Some(route) = snap.router.find(&head) else {
+        // A client can never claim an identity: the headers the gateway sets go first.
+        auth::strip_identity_headers(session.req_header_mut(), &snap.identity_headers);
+        let found = snap
+            .router
+            .find(&RequestHead::from_parts(session.req_header()))
+            .map(|r| r.index);
+        let Some(index) = found else {
             return self.reject(session, ctx, Reject::NoRoute).await;
         };
-        ctx.route = Some(route.index);
+        let route = &snap.router.routes()[index];
+        ctx.route = Some(index);
         ctx.max_body = route.max_body;
+        if let Some(policy) = &snap.bindings[index].auth {
+            if let Err(r) = self.authenticate(session, ctx, &snap, policy).await {
+                return self.reject(session, ctx, r).await;
+            }
+        }
+
+        let req = session.req_header();
+        let head = RequestHead::from_parts(req);
 
         let response = match &route.action {
             Action::Proxy { .. } => {
@@ -176,6 +253,15 @@ impl ProxyHttp for Proxy {
                 ctx.hash = snap
                     .upstream_of(route.index)
                     .and_then(|u| u.hash_key(req, ctx.client.ip));
+                if let (Some(policy), Some(identity)) = (&snap.bindings[index].auth, &ctx.identity)
+                {
+                    policy.apply(
+                        identity,
+                        &snap.consumers,
+                        &snap.identity_headers,
+                        session.req_header_mut(),
+                    );
+                }
                 return Ok(false);
             }
             Action::Respond {
@@ -424,6 +510,12 @@ impl ProxyHttp for Proxy {
             },
             websocket: session.is_upgrade_req(),
             error,
+            consumer: ctx
+                .identity
+                .as_ref()
+                .and_then(|i| i.consumer)
+                .map(|c| snap.consumers.consumers[c].name.as_str()),
+            tenant: ctx.identity.as_ref().and_then(|i| i.tenant.as_deref()),
         });
     }
 }

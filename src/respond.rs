@@ -17,6 +17,21 @@ pub enum Reject {
     UpstreamUnavailable,
     UpstreamTimeout,
     Internal,
+    /// Authentication or authorization failed (see `policy::auth`).
+    Auth(AuthFailure),
+}
+
+/// An authentication failure: static texts only, so no secret or token can end up in a body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthFailure {
+    pub status: u16,
+    /// Snake-case reason, e.g. `token_expired`.
+    pub code: &'static str,
+    pub message: &'static str,
+    /// `WWW-Authenticate` value for a 401.
+    pub challenge: Option<&'static str>,
+    /// The method that failed (`jwt`, `hmac`, `key`), or `none` without credentials.
+    pub method: &'static str,
 }
 
 impl Reject {
@@ -31,6 +46,7 @@ impl Reject {
             Reject::UpstreamUnavailable => 502,
             Reject::NoHealthyBackend => 503,
             Reject::UpstreamTimeout => 504,
+            Reject::Auth(a) => a.status,
         }
     }
 
@@ -46,6 +62,7 @@ impl Reject {
             Reject::UpstreamUnavailable => "upstream_unavailable",
             Reject::UpstreamTimeout => "upstream_timeout",
             Reject::Internal => "internal_error",
+            Reject::Auth(a) => a.code,
         }
     }
 
@@ -61,6 +78,15 @@ impl Reject {
             Reject::UpstreamUnavailable => "the upstream could not be reached",
             Reject::UpstreamTimeout => "the upstream did not answer in time",
             Reject::Internal => "internal gateway error",
+            Reject::Auth(a) => a.message,
+        }
+    }
+
+    /// The `WWW-Authenticate` challenge this answer carries, if any.
+    pub fn challenge(self) -> Option<&'static str> {
+        match self {
+            Reject::Auth(a) => a.challenge,
+            _ => None,
         }
     }
 
@@ -85,7 +111,7 @@ impl Reject {
         let mut out = String::with_capacity(256);
         let _ = write!(
             out,
-            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {}\r\nconnection: close\r\n\r\n",
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {}\r\n",
             self.status(),
             http::StatusCode::from_u16(self.status())
                 .ok()
@@ -94,6 +120,10 @@ impl Reject {
             body.len(),
             request_id
         );
+        if let Some(c) = self.challenge() {
+            let _ = write!(out, "www-authenticate: {c}\r\n");
+        }
+        out.push_str("connection: close\r\n\r\n");
         let mut bytes = out.into_bytes();
         bytes.extend_from_slice(&body);
         bytes

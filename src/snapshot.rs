@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use crate::config::{error, Config, FieldError, HttpSettings};
 use crate::observe::{metrics::NO_ROUTE, Metrics, RouteMetrics};
+use crate::policy::auth::{ConsumerTable, IdentityHeaders, RoutePolicy};
 use crate::router::{Action, Router};
 use crate::upstream::{Registry, SubsetId, Upstream};
 
@@ -26,6 +27,12 @@ pub struct Snapshot {
     pub drain_idle_grace: std::time::Duration,
     /// Metrics of requests that matched no route.
     pub unrouted: RouteMetrics,
+    /// Consumers and credentials from consumers.yaml (empty without one).
+    pub consumers: Arc<ConsumerTable>,
+    /// Identity headers set for upstreams, removed from every client request.
+    pub identity_headers: IdentityHeaders,
+    /// Files besides the main config this snapshot was read from (watched for changes).
+    pub files: Vec<std::path::PathBuf>,
 }
 
 /// What a route is wired to in this generation.
@@ -35,6 +42,8 @@ pub struct Binding {
     /// One backend subset per split target (`route.split.targets()`), same order.
     pub subsets: Vec<SubsetId>,
     pub metrics: RouteMetrics,
+    /// The route's authentication policy, if it has one.
+    pub auth: Option<RoutePolicy>,
 }
 
 impl Snapshot {
@@ -45,9 +54,13 @@ impl Snapshot {
     }
 }
 
-/// Builds a snapshot from a loaded config. All errors, located by field path.
+/// Builds a snapshot from a loaded config. All errors, located by field path. `consumers` is
+/// the compiled consumers.yaml (an empty table without one), None when that file could not be
+/// read. `refused`: earlier stages found errors, so only report (no snapshot, no metric series).
 pub fn compile(
     cfg: &Config,
+    consumers: Option<Arc<ConsumerTable>>,
+    refused: bool,
     registry: &Registry,
     metrics: &Metrics,
     generation: u64,
@@ -129,29 +142,53 @@ pub fn compile(
         }
     }
 
-    match router {
-        Some(router) if errors.is_empty() => Ok(Snapshot {
-            generation,
-            // Metric handles only now: a refused config must not register label sets.
-            bindings: router
-                .routes()
-                .iter()
-                .zip(bindings)
-                .map(|(route, (upstream, subsets))| Binding {
-                    upstream,
-                    subsets,
-                    metrics: metrics.route(
-                        &route.name,
-                        upstream.map_or("", |i: usize| upstreams[i].name.as_str()),
-                    ),
-                })
-                .collect(),
-            router,
-            upstreams: upstreams.into_iter().map(Arc::new).collect(),
-            http: cfg.http.clone(),
-            drain_idle_grace: cfg.drain.idle_grace.get(),
-            unrouted: metrics.route(NO_ROUTE, ""),
-        }),
+    let identity_headers = IdentityHeaders::compile(&cfg.auth, &cfg.routes)
+        .map_err(|e| errors.extend(e))
+        .ok();
+    // Indexed by route declaration order, like `route.index`.
+    let mut policies: Vec<Option<RoutePolicy>> = Vec::with_capacity(cfg.routes.len());
+    for (i, route) in cfg.routes.iter().enumerate() {
+        policies.push(route.auth.as_ref().and_then(|a| {
+            RoutePolicy::compile(i, a, consumers.as_deref(), cfg.include.consumers.is_some())
+                .map_err(|e| errors.extend(e))
+                .ok()
+        }));
+    }
+
+    match (router, consumers, identity_headers) {
+        (Some(router), Some(consumers), Some(identity_headers))
+            if errors.is_empty() && !refused =>
+        {
+            Ok(Snapshot {
+                generation,
+                // Metric handles only now: a refused config must not register label sets.
+                bindings: router
+                    .routes()
+                    .iter()
+                    .zip(bindings)
+                    .map(|(route, (upstream, subsets))| Binding {
+                        upstream,
+                        subsets,
+                        metrics: metrics.route(
+                            &route.name,
+                            upstream.map_or("", |i: usize| upstreams[i].name.as_str()),
+                        ),
+                        auth: policies[route.index].take().map(|mut p| {
+                            p.attach_metrics(&metrics.auth, &route.name);
+                            p
+                        }),
+                    })
+                    .collect(),
+                router,
+                upstreams: upstreams.into_iter().map(Arc::new).collect(),
+                http: cfg.http.clone(),
+                drain_idle_grace: cfg.drain.idle_grace.get(),
+                unrouted: metrics.route(NO_ROUTE, ""),
+                consumers,
+                identity_headers,
+                files: Vec::new(),
+            })
+        }
         _ => Err(errors),
     }
 }
@@ -162,7 +199,14 @@ mod tests {
 
     fn compile_text(text: &str, metrics: &Metrics) -> Result<Snapshot, Vec<FieldError>> {
         let loaded = crate::config::load_str("t.yaml", text).expect("the file parses");
-        compile(&loaded.config, &Registry::new(), metrics, 1)
+        compile(
+            &loaded.config,
+            Some(Arc::new(ConsumerTable::default())),
+            false,
+            &Registry::new(),
+            metrics,
+            1,
+        )
     }
 
     #[test]

@@ -31,6 +31,7 @@ use crate::config::HttpSettings;
 use crate::forwarding::{self, Client};
 use crate::gateway::Gateway;
 use crate::observe::{access_log::now_rfc3339, AccessRecord, RouteMetrics};
+use crate::policy::auth;
 use crate::respond::{request_id, Reject};
 use crate::router::{Action, HeaderEdits, RequestHead};
 use crate::upstream::{Pick, SubsetId, Upstream};
@@ -156,6 +157,9 @@ pub struct TunnelPlan {
     host: String,
     path: String,
     started: Instant,
+    /// Who opened the tunnel (routes with `auth`), for the access log.
+    consumer: Option<String>,
+    tenant: Option<String>,
 }
 
 /// Decides what to do with a WebSocket handshake.
@@ -165,6 +169,7 @@ pub fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Plan {
         return Plan::Reject(Reject::BadRequest, request_id(None));
     };
     let snap = gateway.current();
+    auth::strip_identity_headers(&mut request, &snap.identity_headers);
     let client = Client {
         ip: client_stream
             .get_socket_digest()
@@ -199,11 +204,37 @@ pub fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Plan {
         // TLS to the backend: Pingora's own tunnel handles it (at its memory cost).
         return Plan::Http;
     }
+    // The upgrade is authenticated like any request, before anything reaches the upstream.
+    // A handshake has no body, so HMAC signatures here cover headers and query only.
+    let identity = match &binding.auth {
+        Some(policy) => {
+            let outcome = policy.authenticate(&request, None, &snap.consumers, &gateway.nonces);
+            policy.record(&gateway.metrics.auth, &outcome);
+            match outcome {
+                Ok(identity) => Some(identity),
+                Err(f) => return Plan::Reject(Reject::Auth(f), rid),
+            }
+        }
+        None => None,
+    };
     let target = route.split.choose(&head_view, client.ip);
     let subset = binding.subsets[target];
     let hash = upstream.hash_key(&request, client.ip);
     let host = head_view.host.unwrap_or("").to_string();
     let path = request.uri.path().to_string();
+    let (mut consumer, mut tenant) = (None, None);
+    if let (Some(policy), Some(identity)) = (&binding.auth, &identity) {
+        policy.apply(
+            identity,
+            &snap.consumers,
+            &snap.identity_headers,
+            &mut request,
+        );
+        consumer = identity
+            .consumer
+            .map(|c| snap.consumers.consumers[c].name.clone());
+        tenant = identity.tenant.clone();
+    }
 
     if let Some(rw) = &route.rewrite {
         let new_path = rw.apply(request.uri.path()).into_owned();
@@ -242,6 +273,8 @@ pub fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Plan {
         host,
         path,
         started,
+        consumer,
+        tenant,
     }))
 }
 
@@ -344,6 +377,8 @@ pub async fn run(
         upstream_ms: outcome.upstream_ms,
         websocket: true,
         error: outcome.error,
+        consumer: plan.consumer.as_deref(),
+        tenant: plan.tenant.as_deref(),
     });
 }
 

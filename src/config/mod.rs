@@ -7,6 +7,7 @@
 //! that needs compiling (regexes) are checked by `snapshot::compile`, which reports through the
 //! same [`SourceMap`].
 
+pub mod auth;
 pub mod error;
 pub mod schema;
 mod secrets;
@@ -20,6 +21,7 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
+pub use auth::*;
 pub use error::{ConfigError, FieldError};
 pub use schema::*;
 pub use source::SourceMap;
@@ -33,6 +35,8 @@ const SECTIONS: &[&str] = &[
     "access_log",
     "reload",
     "drain",
+    "include",
+    "auth",
     "upstreams",
     "routes",
 ];
@@ -93,7 +97,12 @@ fn load_str_lenient(
     let source = SourceMap::build(file, text).map_err(|e| vec![e])?;
     let mut errors = Vec::new();
     let config = parse(text, &mut errors);
-    let located: Vec<ConfigError> = errors
+    let located = locate_all(&source, &errors);
+    Ok((Loaded { config, source }, located))
+}
+
+fn locate_all(source: &SourceMap, errors: &[Located]) -> Vec<ConfigError> {
+    errors
         .iter()
         .map(|e: &Located| match e {
             Located::Value(fe) => source.locate(fe),
@@ -106,8 +115,7 @@ fn load_str_lenient(
                 ce
             }
         })
-        .collect();
-    Ok((Loaded { config, source }, located))
+        .collect()
 }
 
 /// An error and whether it should point at the key (unknown field) or at the value.
@@ -161,6 +169,8 @@ fn parse(text: &str, errors: &mut Vec<Located>) -> Config {
             "access_log" => section(name, value, &mut config.access_log, errors),
             "reload" => section(name, value, &mut config.reload, errors),
             "drain" => section(name, value, &mut config.drain, errors),
+            "include" => section(name, value, &mut config.include, errors),
+            "auth" => section(name, value, &mut config.auth, errors),
             "upstreams" => (config.upstreams, config.broken_upstreams) = upstreams(value, errors),
             "routes" => config.routes = routes(value, errors),
             other => errors.push(Located::Key(FieldError::new(
@@ -288,7 +298,127 @@ fn placeholder_route(i: usize) -> Route {
         response_headers: HeaderOps::default(),
         websocket: WebSocket::default(),
         max_body: None,
+        auth: None,
     }
+}
+
+/// A parsed `consumers.yaml` and the position index of its file.
+#[derive(Debug, Clone)]
+pub struct LoadedConsumers {
+    pub file: ConsumersFile,
+    pub source: SourceMap,
+}
+
+impl LoadedConsumers {
+    /// Locates compile-stage errors in this file.
+    pub fn locate(&self, errors: &[FieldError]) -> Vec<ConfigError> {
+        errors.iter().map(|e| self.source.locate(e)).collect()
+    }
+}
+
+/// Reads and parses `consumers.yaml` like [`load_lenient`]: what could be parsed, and every
+/// error located in this file. A consumer or issuer that fails to parse is left out (the config
+/// is refused anyway) and named in `broken`, so references to it are not reported again.
+pub fn load_consumers(
+    path: &Path,
+) -> Result<(LoadedConsumers, BTreeSet<String>, Vec<ConfigError>), Vec<ConfigError>> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![ConfigError {
+            file: file.clone(),
+            line: 0,
+            column: 0,
+            path: String::new(),
+            message: format!("cannot read the file: {e}"),
+        }]
+    })?;
+    let source = SourceMap::build(&file, &text).map_err(|e| vec![e])?;
+    let mut errors = Vec::new();
+    let mut parsed = ConsumersFile::default();
+    let mut broken = BTreeSet::new();
+    let root: Value = match serde_yaml::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => return Err(vec![source.locate(&FieldError::new("", e.to_string()))]),
+    };
+    let mut root = root;
+    let mut secret_errors = Vec::new();
+    secrets::expand(&mut root, "", &mut secret_errors);
+    errors.extend(secret_errors.into_iter().map(Located::Value));
+    match root {
+        Value::Null => {}
+        Value::Mapping(map) => {
+            for (key, value) in map {
+                match key.as_str() {
+                    Some("jwt_issuers") => {
+                        parsed.jwt_issuers =
+                            named_items(key.as_str().unwrap_or(""), value, &mut broken, &mut errors)
+                    }
+                    Some("consumers") => {
+                        parsed.consumers = named_items("consumers", value, &mut broken, &mut errors)
+                    }
+                    other => errors.push(Located::Key(FieldError::new(
+                        other.unwrap_or(""),
+                        format!(
+                            "unknown section `{}`; expected jwt_issuers or consumers",
+                            other.unwrap_or("?")
+                        ),
+                    ))),
+                }
+            }
+        }
+        _ => errors.push(Located::Value(FieldError::new(
+            "",
+            "expected a mapping with `consumers` (and optionally `jwt_issuers`)",
+        ))),
+    }
+    let located = locate_all(&source, &errors);
+    Ok((
+        LoadedConsumers {
+            file: parsed,
+            source,
+        },
+        broken,
+        located,
+    ))
+}
+
+/// A mapping of names to items, each parsed on its own so one bad item does not hide the
+/// errors of the others. Failed names go to `broken` (as `section.name`).
+fn named_items<T: DeserializeOwned>(
+    section: &str,
+    value: Value,
+    broken: &mut BTreeSet<String>,
+    errors: &mut Vec<Located>,
+) -> BTreeMap<String, T> {
+    let mut out = BTreeMap::new();
+    let Value::Mapping(map) = value else {
+        if !value.is_null() {
+            errors.push(Located::Value(FieldError::new(
+                section,
+                format!("expected a mapping of names to {section} entries"),
+            )));
+        }
+        return out;
+    };
+    for (key, v) in map {
+        let Some(name) = key.as_str().map(str::to_string) else {
+            errors.push(Located::Value(FieldError::new(
+                section,
+                "names must be strings",
+            )));
+            continue;
+        };
+        match item::<T>(&error::join(section, &name), v) {
+            Ok(x) => {
+                out.insert(name, x);
+            }
+            Err(e) => {
+                errors.push(e);
+                broken.insert(error::join(section, &name));
+            }
+        }
+    }
+    out
 }
 
 /// Checks of the settings Pingora takes at start (listeners, admin, server).

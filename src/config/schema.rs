@@ -19,6 +19,9 @@ pub struct Bound {
     pub listeners: Vec<Listener>,
     pub admin: Admin,
     pub server: ServerSettings,
+    /// `auth.nonce_capacity`: the replay store is sized once.
+    #[serde(default = "super::auth::default_nonce_capacity")]
+    pub nonce_capacity: usize,
 }
 
 impl Bound {
@@ -27,6 +30,7 @@ impl Bound {
             listeners: config.listeners.clone(),
             admin: config.admin.clone(),
             server: config.server.clone(),
+            nonce_capacity: config.auth.nonce_capacity,
         }
     }
 
@@ -45,6 +49,9 @@ impl Bound {
                 "`server` changed (threads, pool size, read buffer, file paths); {note}"
             ));
         }
+        if self.nonce_capacity != new.nonce_capacity {
+            out.push(format!("`auth.nonce_capacity` changed; {note}"));
+        }
         out
     }
 }
@@ -59,6 +66,8 @@ pub struct Config {
     pub access_log: AccessLog,
     pub reload: ReloadSettings,
     pub drain: Drain,
+    pub include: super::auth::Include,
+    pub auth: super::auth::AuthSettings,
     /// Upstreams in name order (the map is ordered so output and errors are stable).
     pub upstreams: BTreeMap<String, Upstream>,
     /// Routes in declared order; declared order is the last tie-breaker of routing precedence.
@@ -535,6 +544,9 @@ pub struct Route {
     /// Request body cap for this route (default `http.max_body`).
     #[serde(default)]
     pub max_body: Option<ByteSize>,
+    /// Credentials this route requires (see `config::auth`). None: no authentication.
+    #[serde(default)]
+    pub auth: Option<super::auth::RouteAuth>,
 }
 
 /// All conditions must hold. An empty match matches every request.

@@ -43,7 +43,14 @@ pub fn run(conf: &Path, ready_timeout: Duration, log: Option<&Path>) -> ExitCode
 /// this command's (under systemd: the journal).
 fn upgrade(conf: &Path, ready_timeout: Duration, log: Option<&Path>) -> Result<String, String> {
     // 1. The new binary must accept the config.
-    let (loaded, _) = build(conf, &Registry::new(), &Metrics::new(), 1).map_err(|errors| {
+    let (loaded, _) = build(
+        conf,
+        &Registry::new(),
+        &Metrics::new(),
+        &crate::policy::auth::jwks::JwksRegistry::new(),
+        1,
+    )
+    .map_err(|errors| {
         let lines: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
         format!(
             "this binary rejects the config; the running process keeps serving\n{}",

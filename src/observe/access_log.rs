@@ -33,6 +33,11 @@ pub struct AccessRecord<'a> {
     pub websocket: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'a str>,
+    /// The authenticated consumer and its tenant, on routes with `auth`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<&'a str>,
 }
 
 enum Msg {

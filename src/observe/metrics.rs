@@ -27,6 +27,8 @@ pub struct Metrics {
     pub generation: IntGauge,
     pub access_log_dropped: IntCounter,
     pub draining: IntGauge,
+    /// Authentication outcomes by route, method and result (`ok` or the failure code).
+    pub auth: IntCounterVec,
 }
 
 /// Counter handles of one route (and its upstream), resolved once per snapshot.
@@ -121,8 +123,17 @@ impl Metrics {
             "1 while this process drains after an upgrade or SIGTERM",
         )
         .expect("valid metric");
+        let auth = IntCounterVec::new(
+            Opts::new(
+                "tollgate_auth_total",
+                "Authentication outcomes by route, method (jwt, hmac, key, anonymous, none) and result (ok or the failure code)",
+            ),
+            &["route", "method", "result"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(draining.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(auth.clone()),
             Box::new(requests.clone()),
             Box::new(duration.clone()),
             Box::new(connections_active.clone()),
@@ -152,6 +163,7 @@ impl Metrics {
             generation,
             access_log_dropped,
             draining,
+            auth,
         }
     }
 
