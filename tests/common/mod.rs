@@ -767,6 +767,9 @@ impl Echo {
     pub fn path(&self) -> String {
         self.0["path"].as_str().unwrap_or_default().to_string()
     }
+    pub fn body(&self) -> String {
+        self.0["body"].as_str().unwrap_or_default().to_string()
+    }
     pub fn body_len(&self) -> u64 {
         self.0["body_len"].as_u64().unwrap_or(u64::MAX)
     }
@@ -847,7 +850,7 @@ struct BackendState {
 }
 
 /// A hyper 1 upstream. Every request gets 200 JSON
-/// `{"backend":NAME,"method":..,"path":..(with query),"headers":{name:[values]},"body_len":N}`
+/// `{"backend":NAME,"method":..,"path":..(with query),"headers":{name:[values]},"body_len":N,"body":..}`
 /// with response headers `x-backend: NAME`, `x-remove-me: 1`, `x-upstream-header: keep`.
 /// `/healthz` answers the switchable health status (200 by default) and is counted apart.
 /// `/status/NNN` answers NNN; `/sleep/MS` answers after MS milliseconds.
@@ -997,6 +1000,8 @@ async fn backend_handle(
         "path": path,
         "headers": headers,
         "body_len": body.len(),
+        // Small bodies in full, so tests can check what the upstream received.
+        "body": (body.len() <= 4096).then(|| String::from_utf8_lossy(&body).into_owned()),
     });
     let mut r = hyper::Response::new(Full::new(Bytes::from(json.to_string())));
     *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
