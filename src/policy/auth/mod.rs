@@ -49,6 +49,8 @@ pub struct RoutePolicy {
     hmac: hmac::HmacSettings,
     /// `WWW-Authenticate` for a 401.
     challenge: &'static str,
+    /// A JWT claim the route's quota counts by (`quota: { tenant: { claim: .. } }`).
+    capture: Option<String>,
     /// Successes by method (jwt, hmac, key, anonymous), resolved once per snapshot.
     ok: Option<[prometheus::IntCounter; 4]>,
     route: String,
@@ -64,6 +66,8 @@ pub struct Identity {
     claim_headers: Vec<(HeaderName, HeaderValue)>,
     /// Where the credential was found, to remove it (when the route strips credentials).
     found_in: Option<CredentialSource>,
+    /// The claim the route's quota counts by, from a verified JWT (strings and numbers).
+    pub claim: Option<String>,
 }
 
 /// The metric / log name of a method.
@@ -256,7 +260,13 @@ impl RoutePolicy {
             challenge,
             ok: None,
             route: String::new(),
+            capture: None,
         })
+    }
+
+    /// Keeps the value of `claim` from verified tokens in [`Identity::claim`].
+    pub fn capture_claim(&mut self, claim: &str) {
+        self.capture = Some(claim.to_string());
     }
 
     /// Resolves this route's metric handles (at compile time, once the config is accepted).
@@ -394,6 +404,7 @@ impl RoutePolicy {
                 method: Some(AuthMethod::Key),
                 claim_headers: Vec::new(),
                 found_in: Some(self.key_from[source].clone()),
+                claim: None,
             }),
             None => Err(self.unauthorized("key", "invalid_api_key", "the API key is not valid")),
         })
@@ -420,7 +431,9 @@ impl RoutePolicy {
             method: "jwt",
         };
         // Several issuers: the token's (unverified) `iss` only chooses which one verifies it.
-        let chosen = if self.issuers.len() == 1 {
+        // Issuers that pin no `iss` may verify any token: when no pinned one matches, they are
+        // tried in name order (their keys decide; at most one per such issuer).
+        let pinned = if self.issuers.len() == 1 {
             self.issuers.first()
         } else {
             let iss = jwt::peek_issuer(token);
@@ -428,15 +441,25 @@ impl RoutePolicy {
                 i.expected_issuer().is_some() && i.expected_issuer() == iss.as_deref()
             })
         };
-        let Some((name, issuer)) = chosen else {
-            return Err(invalid(
-                "unknown_issuer",
-                "the token's issuer is not accepted here",
-            ));
+        let mut verified = None;
+        let mut failure = invalid("unknown_issuer", "the token's issuer is not accepted here");
+        let candidates = pinned.into_iter().chain(
+            self.issuers
+                .iter()
+                .filter(|(_, i)| pinned.is_none() && i.expected_issuer().is_none()),
+        );
+        for (name, issuer) in candidates {
+            match issuer.verify(token) {
+                Ok(claims) => {
+                    verified = Some((name, claims));
+                    break;
+                }
+                Err(e) => failure = invalid(e.code(), e.message()),
+            }
+        }
+        let Some((name, claims)) = verified else {
+            return Err(failure);
         };
-        let claims = issuer
-            .verify(token)
-            .map_err(|e| invalid(e.code(), e.message()))?;
         let Some((consumer, claimed_tenant)) = table.token_owner(name, &claims) else {
             return Err(invalid(
                 "unknown_consumer",
@@ -456,12 +479,18 @@ impl RoutePolicy {
                 claim_headers.push((header.clone(), v));
             }
         }
+        let claim = self.capture.as_ref().and_then(|c| match claims.get(c) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(v @ serde_json::Value::Number(_)) => Some(v.to_string()),
+            _ => None,
+        });
         Ok(Identity {
             consumer: Some(consumer),
             tenant: claimed_tenant.or_else(|| table.consumers[consumer].tenant.clone()),
             method: Some(AuthMethod::Jwt),
             claim_headers,
             found_in: None,
+            claim,
         })
     }
 
@@ -490,6 +519,7 @@ impl RoutePolicy {
                     method: Some(AuthMethod::Hmac),
                     claim_headers: Vec::new(),
                     found_in: None,
+                    claim: None,
                 }),
                 Err(e) => Err(AuthFailure {
                     status: e.status(),
