@@ -380,7 +380,7 @@ impl VerifyKey {
             _ => return Err(format!("an EC key cannot be used for {}", alg_name(alg))),
         };
         let key = DecodingKey::from_ec_der(point);
-        probe(&key, alg).map_err(|_| {
+        probe(point, alg).map_err(|_| {
             format!(
                 "not a valid {curve} public key ({} needs {curve})",
                 alg_name(alg)
@@ -409,7 +409,7 @@ impl VerifyKey {
             ));
         }
         let key = DecodingKey::from_ed_der(public);
-        probe(&key, alg).map_err(|_| "not a valid Ed25519 public key".to_string())?;
+        probe(public, alg).map_err(|_| "not a valid Ed25519 public key".to_string())?;
         Ok(Self::new(alg, key, kid))
     }
 
@@ -462,8 +462,20 @@ impl VerifyKey {
 
 /// Builds the verifier `jsonwebtoken` would build per request, once, so a key it cannot use
 /// (a point off the curve, a wrong curve) is a load error instead of a failure per token.
-fn probe(key: &DecodingKey, alg: Algorithm) -> Result<(), jsonwebtoken::errors::Error> {
-    jsonwebtoken::crypto::verify("", b"", key, alg).map(|_| ())
+/// Checks that `public` (a SEC1 point or an Ed25519 key) is a valid key of `alg`'s curve. The
+/// backend parses keys only when verifying, so a bad key would otherwise surface as every
+/// token failing; parsing it here makes it a config error instead.
+fn probe(public: &[u8], alg: Algorithm) -> Result<(), ()> {
+    use aws_lc_rs::signature as sig;
+    let curve: &'static dyn sig::VerificationAlgorithm = match alg {
+        Algorithm::ES256 => &sig::ECDSA_P256_SHA256_FIXED,
+        Algorithm::ES384 => &sig::ECDSA_P384_SHA384_FIXED,
+        Algorithm::EdDSA => &sig::ED25519,
+        _ => return Ok(()),
+    };
+    sig::ParsedPublicKey::new(curve, public)
+        .map(|_| ())
+        .map_err(|_| ())
 }
 
 /// The modulus and exponent of a PKCS#1 key, parsed (and so validated) by the RSA backend.
