@@ -78,7 +78,7 @@ impl ServerApp for Edge {
                     len,
                     websocket: true,
                 } => {
-                    match tunnel::plan(&self.gateway, &buf[..len], &stream) {
+                    match tunnel::plan(&self.gateway, &buf[..len], &stream).await {
                         tunnel::Plan::Tunnel(plan) => {
                             tunnel::run(&self.gateway, plan, stream, buf, len).await;
                             return None;

@@ -21,20 +21,36 @@ use crate::observe::{AccessLog, Metrics};
 use crate::policy::auth::jwks::JwksRegistry;
 use crate::policy::auth::nonce::NonceStore;
 use crate::policy::auth::ConsumerTable;
+use crate::policy::flood::{self, FloodGuard};
+use crate::policy::quota::cluster::ClusterStore;
+use crate::policy::quota::{QuotaState, QuotaTable};
 use crate::snapshot::{self, Snapshot};
 use crate::tunnel::TunnelRegistry;
 use crate::upstream::Registry;
 
+/// State that outlives snapshots, which compiling re-attaches to by stable keys.
+#[derive(Default)]
+pub struct Registries {
+    /// Backend health and in-flight counts, by upstream and address.
+    pub upstreams: Registry,
+    /// JWKS fetched from URLs, by URL.
+    pub jwks: Arc<JwksRegistry>,
+    /// Quota counters, by tenant and route group.
+    pub quotas: Arc<QuotaState>,
+}
+
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
-    pub registry: Registry,
+    pub registries: Registries,
     pub metrics: Metrics,
     pub access_log: AccessLog,
     pub tunnels: TunnelRegistry,
-    /// JWKS fetched from URLs: keys survive reloads.
-    pub jwks: Arc<JwksRegistry>,
     /// HMAC nonces seen: replay protection survives reloads.
     pub nonces: NonceStore,
+    /// Fleet-wide quota counting in Redis (configured by quotas.yaml `cluster:`).
+    pub cluster: Arc<ClusterStore>,
+    /// Flood protection's counting windows and blocks: they outlive reloads.
+    pub flood: FloodGuard,
     config_path: PathBuf,
     /// The config this process started with: listeners, admin and server settings are bound at
     /// start and only change through a binary upgrade.
@@ -75,38 +91,45 @@ pub struct Status {
 /// section that fails to parse does not hide the cross-reference and compile errors of the rest.
 pub fn build(
     path: &Path,
-    registry: &Registry,
+    registries: &Registries,
     metrics: &Metrics,
-    jwks: &JwksRegistry,
     generation: u64,
 ) -> Result<(config::Loaded, Snapshot), Vec<ConfigError>> {
     let (loaded, mut errors) = config::load_lenient(path)?;
     let mut files = Vec::new();
     let consumers = match &loaded.config.include.consumers {
         None => Some(Arc::new(ConsumerTable::default())),
-        Some(rel) => {
-            let cpath = included(path, rel);
-            files.push(cpath.clone());
-            if let Err(e) = std::fs::metadata(&cpath) {
-                // Point at the line that names the file, not at a file that is not there.
-                errors.extend(loaded.locate(&[config::FieldError::new(
-                    "include.consumers",
-                    format!("cannot read `{}`: {e}", cpath.display()),
-                )]));
-                None
-            } else {
-                consumer_table(&cpath, jwks, &mut files, &mut errors)
-            }
-        }
+        Some(rel) => included_file(
+            path,
+            rel,
+            "include.consumers",
+            &loaded,
+            &mut files,
+            &mut errors,
+        )
+        .and_then(|p| consumer_table(&p, &registries.jwks, &mut files, &mut errors)),
     };
-    // Errors so far (parse errors, consumers.yaml) refuse the config; compiling still runs to
+    let quotas = match &loaded.config.include.quotas {
+        None => Some(QuotaTable::default()),
+        Some(rel) => included_file(
+            path,
+            rel,
+            "include.quotas",
+            &loaded,
+            &mut files,
+            &mut errors,
+        )
+        .and_then(|p| quota_table(&p, &loaded.config, &registries.quotas, &mut errors)),
+    };
+    // Errors so far (parse errors, included files) refuse the config; compiling still runs to
     // report its own, but must not register metric series for a refused config.
     let refused = !errors.is_empty();
     match snapshot::compile(
         &loaded.config,
         consumers,
+        quotas,
         refused,
-        registry,
+        &registries.upstreams,
         metrics,
         generation,
     ) {
@@ -128,6 +151,56 @@ pub fn build(
     });
     errors.dedup();
     Err(errors)
+}
+
+/// The path of an included file, which is watched from now on; None (and an error at the
+/// line that names it) when it cannot be read.
+fn included_file(
+    config_path: &Path,
+    rel: &str,
+    field: &str,
+    loaded: &config::Loaded,
+    files: &mut Vec<PathBuf>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<PathBuf> {
+    let path = included(config_path, rel);
+    files.push(path.clone());
+    match std::fs::metadata(&path) {
+        Ok(_) => Some(path),
+        Err(e) => {
+            errors.extend(loaded.locate(&[config::FieldError::new(
+                field,
+                format!("cannot read `{}`: {e}", path.display()),
+            )]));
+            None
+        }
+    }
+}
+
+/// Loads and compiles quotas.yaml for the route groups the config's routes use.
+fn quota_table(
+    path: &Path,
+    cfg: &Config,
+    state: &QuotaState,
+    errors: &mut Vec<ConfigError>,
+) -> Option<QuotaTable> {
+    let (loaded, broken, parse_errors) = match config::load_quotas(path) {
+        Ok(x) => x,
+        Err(e) => {
+            errors.extend(e);
+            return None;
+        }
+    };
+    errors.extend(parse_errors);
+    let groups = cfg
+        .routes
+        .iter()
+        .filter_map(|r| r.quota.as_ref().map(|q| q.group.clone()))
+        .chain(std::iter::once(config::default_group()))
+        .collect();
+    let (table, compile_errors) = QuotaTable::compile(&loaded.file, &broken, &groups, state);
+    errors.extend(loaded.locate(&compile_errors));
+    Some(table)
 }
 
 /// A path named in the config, relative to the config file's directory.
@@ -166,9 +239,10 @@ impl Gateway {
     /// Loads and compiles the config file into the first snapshot.
     pub fn start(config_path: &Path) -> Result<Arc<Gateway>, Vec<ConfigError>> {
         let metrics = Metrics::new();
-        let registry = Registry::new();
-        let jwks = Arc::new(JwksRegistry::new());
-        let (loaded, snap) = build(config_path, &registry, &metrics, &jwks, 1)?;
+        let registries = Registries::default();
+        let (loaded, snap) = build(config_path, &registries, &metrics, 1)?;
+        let cluster = ClusterStore::new();
+        cluster.configure(snap.quotas.cluster.as_ref());
         let access_log = AccessLog::start(
             &loaded.config.access_log,
             metrics.access_log_dropped.clone(),
@@ -186,7 +260,9 @@ impl Gateway {
         let tunnels = TunnelRegistry::new(metrics.tunnels_active.clone());
         Ok(Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(snap),
-            registry,
+            registries,
+            cluster,
+            flood: FloodGuard::new(),
             metrics,
             access_log,
             tunnels,
@@ -194,7 +270,6 @@ impl Gateway {
                 loaded.config.auth.nonce_capacity,
                 2 * config::MAX_HMAC_CLOCK_SKEW.get(),
             ),
-            jwks,
             config_path: config_path.to_path_buf(),
             boot: loaded.config.clone(),
             state: Mutex::new(ReloadState {
@@ -249,9 +324,8 @@ impl Gateway {
         let generation = self.snapshot.load().generation + 1;
         let result = build(
             &self.config_path,
-            &self.registry,
+            &self.registries,
             &self.metrics,
-            &self.jwks,
             generation,
         );
         state.last_reload = Some(SystemTime::now());
@@ -268,7 +342,8 @@ impl Gateway {
                 }
                 let snap = Arc::new(snap);
                 self.snapshot.store(snap.clone());
-                self.registry.retain(&snap.upstreams);
+                self.registries.upstreams.retain(&snap.upstreams);
+                self.cluster.configure(snap.quotas.cluster.as_ref());
                 state.applied = loaded.config;
                 state.last_error = None;
                 self.metrics.generation.set(generation as i64);
@@ -310,14 +385,65 @@ impl Gateway {
             pid: std::process::id(),
             draining: self.metrics.draining.get() > 0,
             bound: config::Bound::of(&self.boot),
-            jwks: self.jwks.statuses(),
+            jwks: self.registries.jwks.statuses(),
             hmac_nonces: self.nonces.len(),
         }
     }
 
-    /// Refreshes the gauges that mirror backend state (called when metrics are scraped).
+    /// Flood protection for one request from `ip` on the route with `flood_id`: Some(refusal)
+    /// when the IP is blocked. A new block is logged once and counted.
+    pub fn flood_check(
+        &self,
+        snap: &Snapshot,
+        ip: Option<std::net::IpAddr>,
+        flood_id: u64,
+    ) -> Option<crate::respond::QuotaRefusal> {
+        let ip = ip?;
+        match self
+            .flood
+            .check(&snap.flood, ip, Some(flood_id), Instant::now())
+        {
+            flood::Verdict::Allow => None,
+            flood::Verdict::Blocked { retry_after, newly } => {
+                if newly {
+                    self.metrics.flood_blocks.inc();
+                    tracing::warn!(
+                        %ip,
+                        block_secs = retry_after.as_secs(),
+                        "flood protection: client blocked"
+                    );
+                }
+                self.metrics.flood_refused.inc();
+                Some(crate::respond::QuotaRefusal {
+                    status: 429,
+                    code: "flood_blocked",
+                    retry_after: retry_after.as_secs_f64().ceil().max(1.0) as u64,
+                    limit: 0,
+                    window: 0,
+                })
+            }
+        }
+    }
+
+    /// Refreshes the gauges that mirror backend and quota state (called when metrics are scraped).
     pub fn refresh_backend_metrics(&self) {
         let snap = self.current();
+        self.metrics.quota_in_flight.reset();
+        for (tenant, group, requests, websockets) in snap.quotas.in_flight() {
+            for (kind, n) in [("request", requests), ("websocket", websockets)] {
+                self.metrics
+                    .quota_in_flight
+                    .with_label_values(&[tenant, group, kind])
+                    .set(i64::from(n));
+            }
+        }
+        self.flood.sweep(Instant::now());
+        self.metrics
+            .flood_blocked_ips
+            .set(self.flood.blocked_len() as i64);
+        self.metrics.quota_store_up.set(i64::from(
+            snap.quotas.cluster.is_none() || self.cluster.up(),
+        ));
         self.metrics.backend_healthy.reset();
         self.metrics.backend_inflight.reset();
         for u in &snap.upstreams {

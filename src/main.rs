@@ -17,7 +17,7 @@ use tollgate::config::ConfigError;
 use tollgate::edge::Edge;
 use tollgate::gateway::{build, ConfigWatcher, Gateway};
 use tollgate::proxy::Proxy;
-use tollgate::upstream::{HealthChecker, Registry};
+use tollgate::upstream::HealthChecker;
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -94,13 +94,7 @@ fn print_errors(errors: &[ConfigError]) {
 /// `tollgate check`: everything a reload would do, short of swapping the snapshot.
 fn check(path: &Path) -> ExitCode {
     let metrics = tollgate::observe::Metrics::new();
-    match build(
-        path,
-        &Registry::new(),
-        &metrics,
-        &tollgate::policy::auth::jwks::JwksRegistry::new(),
-        1,
-    ) {
+    match build(path, &tollgate::gateway::Registries::default(), &metrics, 1) {
         Ok((loaded, snap)) => {
             println!(
                 "{}: ok ({} routes, {} upstreams, {} listeners)",
@@ -219,7 +213,7 @@ fn run(cli: &Cli) -> ExitCode {
     let jwks = background_service(
         "jwks fetch",
         tollgate::policy::auth::jwks::JwksFetcher {
-            registry: gateway.jwks.clone(),
+            registry: gateway.registries.jwks.clone(),
         },
     );
 
@@ -228,6 +222,12 @@ fn run(cli: &Cli) -> ExitCode {
     server.add_service(watcher);
     server.add_service(health);
     server.add_service(jwks);
+    server.add_service(background_service(
+        "quota sweep",
+        tollgate::policy::quota::QuotaSweeper {
+            state: gateway.registries.quotas.clone(),
+        },
+    ));
     server.add_service(drainer);
     tracing::info!(
         config = %cli.conf.display(),

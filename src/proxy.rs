@@ -27,6 +27,8 @@ use crate::forwarding::{self, Client, X_REQUEST_ID};
 use crate::gateway::Gateway;
 use crate::observe::{access_log::now_rfc3339, AccessRecord};
 use crate::policy::auth::{self, Identity, RoutePolicy};
+use crate::policy::quota::{self, limiter::now_ns, Admission, QuotaPolicy};
+use crate::respond::QuotaRefusal;
 use crate::respond::{request_id, Reject};
 use crate::router::{Action, RequestHead};
 use crate::snapshot::Snapshot;
@@ -55,6 +57,11 @@ pub struct Ctx {
     upstream_started: Option<Instant>,
     upstream_done: Option<Instant>,
     identity: Option<Identity>,
+    /// The quota admission (slot held until the request ends) and whether to send headers.
+    quota: Option<(Admission, bool)>,
+    quota_tenant: Option<String>,
+    /// The client's address: the peer, or from trusted proxies' `X-Forwarded-For`.
+    real_ip: Option<std::net::IpAddr>,
 }
 
 fn idempotent(method: &http::Method) -> bool {
@@ -124,6 +131,37 @@ impl Proxy {
         }
     }
 
+    /// Counts the request against its tenant's quota; the admission (and its concurrency slot,
+    /// released when the request ends however it ends) goes into `ctx`.
+    async fn admit_quota(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        snap: &Snapshot,
+        policy: &QuotaPolicy,
+    ) -> std::result::Result<(), QuotaRefusal> {
+        let refuse = |code| QuotaRefusal {
+            status: 403,
+            code,
+            retry_after: 0,
+            limit: 0,
+            window: 0,
+        };
+        let req = session.req_header();
+        let tenant = quota::tenant_of(&policy.source, req, ctx.identity.as_ref(), ctx.real_ip)
+            .ok_or(refuse("tenant_missing"))?;
+        let resolved = snap
+            .quotas
+            .resolve(&self.gateway.registries.quotas, &tenant, policy.group)
+            .ok_or(refuse("unknown_tenant"))?;
+        let admission = resolved
+            .admit(&self.gateway.cluster, session.is_upgrade_req())
+            .await;
+        ctx.quota_tenant = Some(tenant.into_owned());
+        ctx.quota = Some((admission?, policy.headers));
+        Ok(())
+    }
+
     /// Writes a gateway error as JSON. Used before proxying starts.
     async fn reject(&self, session: &mut Session, ctx: &mut Ctx, r: Reject) -> Result<bool> {
         ctx.reject = Some(r);
@@ -142,6 +180,11 @@ async fn write_json_error(session: &mut Session, r: Reject, request_id: &str) {
     let _ = resp.insert_header(X_REQUEST_ID, request_id);
     if let Some(c) = r.challenge() {
         let _ = resp.insert_header(http::header::WWW_AUTHENTICATE, c);
+    }
+    if let Reject::Quota(q) = r {
+        for (k, v) in q.headers() {
+            let _ = resp.insert_header(k, v);
+        }
     }
     if matches!(
         r,
@@ -184,6 +227,9 @@ impl ProxyHttp for Proxy {
             upstream_started: None,
             upstream_done: None,
             identity: None,
+            quota: None,
+            quota_tenant: None,
+            real_ip: None,
         }
     }
 
@@ -226,9 +272,22 @@ impl ProxyHttp for Proxy {
         let route = &snap.router.routes()[index];
         ctx.route = Some(index);
         ctx.max_body = route.max_body;
+        ctx.real_ip = ctx.client.ip.map(|peer| {
+            snap.client_ip
+                .client_ip(peer, &session.req_header().headers)
+        });
+        let flood_id = snap.bindings[index].flood_id;
+        if let Some(r) = self.gateway.flood_check(&snap, ctx.real_ip, flood_id) {
+            return self.reject(session, ctx, Reject::Quota(r)).await;
+        }
         if let Some(policy) = &snap.bindings[index].auth {
             if let Err(r) = self.authenticate(session, ctx, &snap, policy).await {
                 return self.reject(session, ctx, r).await;
+            }
+        }
+        if let Some(policy) = &snap.bindings[index].quota {
+            if let Err(r) = self.admit_quota(session, ctx, &snap, policy).await {
+                return self.reject(session, ctx, Reject::Quota(r)).await;
             }
         }
 
@@ -397,6 +456,24 @@ impl ProxyHttp for Proxy {
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if let (
+            Some(b),
+            Some((
+                Admission {
+                    body: Some(g),
+                    counters,
+                    ..
+                },
+                _,
+            )),
+        ) = (&body, &ctx.quota)
+        {
+            // Bandwidth quota: hold the body back rather than refuse it.
+            let wait = counters.body_delay(*g, b.len() as u64, now_ns());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait.min(std::time::Duration::from_secs(30))).await;
+            }
+        }
         if let Some(b) = body {
             ctx.body_seen += b.len() as u64;
             if ctx.body_seen > ctx.max_body {
@@ -434,6 +511,17 @@ impl ProxyHttp for Proxy {
         if let (Some(snap), Some(route)) = (&ctx.snap, ctx.route) {
             let edits = &snap.router.routes()[route].response_headers;
             forwarding::downstream_response(upstream_response, &snap.http, &ctx.request_id, edits);
+        }
+        if let Some((
+            Admission {
+                remaining: Some(r), ..
+            },
+            true,
+        )) = &ctx.quota
+        {
+            for (k, v) in quota::headers(r) {
+                upstream_response.insert_header(k, v)?;
+            }
         }
         Ok(())
     }
@@ -515,7 +603,10 @@ impl ProxyHttp for Proxy {
                 .as_ref()
                 .and_then(|i| i.consumer)
                 .map(|c| snap.consumers.consumers[c].name.as_str()),
-            tenant: ctx.identity.as_ref().and_then(|i| i.tenant.as_deref()),
+            tenant: ctx
+                .quota_tenant
+                .as_deref()
+                .or_else(|| ctx.identity.as_ref().and_then(|i| i.tenant.as_deref())),
         });
     }
 }

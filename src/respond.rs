@@ -19,6 +19,44 @@ pub enum Reject {
     Internal,
     /// Authentication or authorization failed (see `policy::auth`).
     Auth(AuthFailure),
+    /// A tenant quota refused the request (see `policy::quota`).
+    Quota(QuotaRefusal),
+}
+
+/// A quota refusal: enough to write `Retry-After` and the rate-limit headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaRefusal {
+    /// 429, or 403 for a tenant that is unknown or missing.
+    pub status: u16,
+    /// `rate_limited`, `concurrency_limited`, `websocket_limited`, `unknown_tenant`,
+    /// `tenant_missing`, `flood_blocked`.
+    pub code: &'static str,
+    /// Seconds.
+    pub retry_after: u64,
+    /// The limit that refused, and its window in seconds (0: a concurrency cap).
+    pub limit: u64,
+    pub window: u64,
+}
+
+impl QuotaRefusal {
+    /// The headers a refusal carries: `Retry-After` and, for rate limits, the rate-limit fields.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        if self.status != 429 {
+            return Vec::new();
+        }
+        let mut out = vec![("retry-after", self.retry_after.to_string())];
+        if self.window > 0 {
+            out.extend(crate::policy::quota::headers(
+                &crate::policy::quota::limiter::Remaining {
+                    limit: self.limit,
+                    remaining: 0,
+                    reset: self.retry_after,
+                    window: self.window,
+                },
+            ));
+        }
+        out
+    }
 }
 
 /// An authentication failure: static texts only, so no secret or token can end up in a body.
@@ -47,6 +85,7 @@ impl Reject {
             Reject::NoHealthyBackend => 503,
             Reject::UpstreamTimeout => 504,
             Reject::Auth(a) => a.status,
+            Reject::Quota(q) => q.status,
         }
     }
 
@@ -63,6 +102,7 @@ impl Reject {
             Reject::UpstreamTimeout => "upstream_timeout",
             Reject::Internal => "internal_error",
             Reject::Auth(a) => a.code,
+            Reject::Quota(q) => q.code,
         }
     }
 
@@ -79,6 +119,14 @@ impl Reject {
             Reject::UpstreamTimeout => "the upstream did not answer in time",
             Reject::Internal => "internal gateway error",
             Reject::Auth(a) => a.message,
+            Reject::Quota(q) => match q.code {
+                "rate_limited" => "the tenant's request rate quota is used up; retry later",
+                "concurrency_limited" => "the tenant has too many requests in flight",
+                "websocket_limited" => "the tenant has too many WebSocket connections open",
+                "unknown_tenant" => "the tenant has no quota here",
+                "flood_blocked" => "too many requests from this address; retry later",
+                _ => "the request names no tenant",
+            },
         }
     }
 
@@ -122,6 +170,11 @@ impl Reject {
         );
         if let Some(c) = self.challenge() {
             let _ = write!(out, "www-authenticate: {c}\r\n");
+        }
+        if let Reject::Quota(q) = self {
+            for (k, v) in q.headers() {
+                let _ = write!(out, "{k}: {v}\r\n");
+            }
         }
         out.push_str("connection: close\r\n\r\n");
         let mut bytes = out.into_bytes();

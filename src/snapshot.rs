@@ -12,6 +12,9 @@ use std::sync::Arc;
 use crate::config::{error, Config, FieldError, HttpSettings};
 use crate::observe::{metrics::NO_ROUTE, Metrics, RouteMetrics};
 use crate::policy::auth::{ConsumerTable, IdentityHeaders, RoutePolicy};
+use crate::policy::client_ip::ClientIpPolicy;
+use crate::policy::flood::FloodPolicy;
+use crate::policy::quota::{QuotaPolicy, QuotaTable};
 use crate::router::{Action, Router};
 use crate::upstream::{Registry, SubsetId, Upstream};
 
@@ -31,6 +34,11 @@ pub struct Snapshot {
     pub consumers: Arc<ConsumerTable>,
     /// Identity headers set for upstreams, removed from every client request.
     pub identity_headers: IdentityHeaders,
+    /// Who the client is (trusted proxies) and the flood thresholds.
+    pub client_ip: ClientIpPolicy,
+    pub flood: FloodPolicy,
+    /// Tenant quotas from quotas.yaml (empty without one).
+    pub quotas: Arc<QuotaTable>,
     /// Files besides the main config this snapshot was read from (watched for changes).
     pub files: Vec<std::path::PathBuf>,
 }
@@ -44,6 +52,11 @@ pub struct Binding {
     pub metrics: RouteMetrics,
     /// The route's authentication policy, if it has one.
     pub auth: Option<RoutePolicy>,
+    /// The route's tenant quota, if it has one.
+    pub quota: Option<QuotaPolicy>,
+    /// A stable id of the route (a hash of its name) for per-route flood counting: blocks
+    /// survive reloads that reorder routes.
+    pub flood_id: u64,
 }
 
 impl Snapshot {
@@ -60,6 +73,7 @@ impl Snapshot {
 pub fn compile(
     cfg: &Config,
     consumers: Option<Arc<ConsumerTable>>,
+    quotas: Option<QuotaTable>,
     refused: bool,
     registry: &Registry,
     metrics: &Metrics,
@@ -155,10 +169,34 @@ pub fn compile(
         }));
     }
 
-    match (router, consumers, identity_headers) {
-        (Some(router), Some(consumers), Some(identity_headers))
-            if errors.is_empty() && !refused =>
+    let mut quota_policies: Vec<Option<QuotaPolicy>> = Vec::with_capacity(cfg.routes.len());
+    for (i, route) in cfg.routes.iter().enumerate() {
+        quota_policies.push(match (&route.quota, &quotas) {
+            (Some(q), Some(table)) => QuotaPolicy::compile(i, q, route.auth.is_some(), table)
+                .map_err(|e| errors.extend(e))
+                .ok(),
+            (Some(_), None) => None, // quotas.yaml failed: reported there
+            (None, _) => None,
+        });
+        if let (Some(q), Some(policy)) = (&route.quota, policies[i].as_mut()) {
+            if let crate::config::TenantSource::Claim(c) = &q.tenant {
+                policy.capture_claim(c);
+            }
+        }
+    }
+
+    let client_ip = ClientIpPolicy::compile("client_ip", &cfg.client_ip)
+        .map_err(|e| errors.extend(e))
+        .ok();
+    let flood = FloodPolicy::compile("flood", &cfg.flood)
+        .map_err(|e| errors.extend(e))
+        .ok();
+
+    match (router, consumers, identity_headers, quotas) {
+        (Some(router), Some(consumers), Some(identity_headers), Some(mut quotas))
+            if errors.is_empty() && !refused && client_ip.is_some() && flood.is_some() =>
         {
+            quotas.attach_metrics(&metrics.quota);
             Ok(Snapshot {
                 generation,
                 // Metric handles only now: a refused config must not register label sets.
@@ -177,6 +215,8 @@ pub fn compile(
                             p.attach_metrics(&metrics.auth, &route.name);
                             p
                         }),
+                        quota: quota_policies[route.index].take(),
+                        flood_id: route_id(&route.name),
                     })
                     .collect(),
                 router,
@@ -186,11 +226,21 @@ pub fn compile(
                 unrouted: metrics.route(NO_ROUTE, ""),
                 consumers,
                 identity_headers,
+                quotas: Arc::new(quotas),
+                client_ip: client_ip.unwrap_or_default(),
+                flood: flood.unwrap_or_default(),
                 files: Vec::new(),
             })
         }
         _ => Err(errors),
     }
+}
+
+/// A stable 64-bit id of a route name (FNV-1a: the same in every process and generation).
+fn route_id(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -202,6 +252,7 @@ mod tests {
         compile(
             &loaded.config,
             Some(Arc::new(ConsumerTable::default())),
+            Some(QuotaTable::default()),
             false,
             &Registry::new(),
             metrics,

@@ -31,7 +31,8 @@ use crate::config::HttpSettings;
 use crate::forwarding::{self, Client};
 use crate::gateway::Gateway;
 use crate::observe::{access_log::now_rfc3339, AccessRecord, RouteMetrics};
-use crate::policy::auth;
+use crate::policy::{auth, quota};
+use crate::respond::QuotaRefusal;
 use crate::respond::{request_id, Reject};
 use crate::router::{Action, HeaderEdits, RequestHead};
 use crate::upstream::{Pick, SubsetId, Upstream};
@@ -160,10 +161,12 @@ pub struct TunnelPlan {
     /// Who opened the tunnel (routes with `auth`), for the access log.
     consumer: Option<String>,
     tenant: Option<String>,
+    /// The tenant's WebSocket slot: released when the tunnel ends, however it ends.
+    _quota: Option<quota::Admission>,
 }
 
 /// Decides what to do with a WebSocket handshake.
-pub fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Plan {
+pub async fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Plan {
     let started = Instant::now();
     let Some(mut request) = build_request(head) else {
         return Plan::Reject(Reject::BadRequest, request_id(None));
@@ -204,6 +207,12 @@ pub fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Plan {
         // TLS to the backend: Pingora's own tunnel handles it (at its memory cost).
         return Plan::Http;
     }
+    let real_ip = client
+        .ip
+        .map(|peer| snap.client_ip.client_ip(peer, &request.headers));
+    if let Some(r) = gateway.flood_check(&snap, real_ip, binding.flood_id) {
+        return Plan::Reject(Reject::Quota(r), rid);
+    }
     // The upgrade is authenticated like any request, before anything reaches the upstream.
     // A handshake has no body, so HMAC signatures here cover headers and query only.
     let identity = match &binding.auth {
@@ -213,6 +222,30 @@ pub fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Plan {
             match outcome {
                 Ok(identity) => Some(identity),
                 Err(f) => return Plan::Reject(Reject::Auth(f), rid),
+            }
+        }
+        None => None,
+    };
+    // The tenant's WebSocket cap (and request rate): the slot is held for the tunnel's life.
+    let mut quota_tenant = None;
+    let admission = match &binding.quota {
+        Some(q) => {
+            let Some(tenant) = quota::tenant_of(&q.source, &request, identity.as_ref(), real_ip)
+            else {
+                return Plan::Reject(Reject::Quota(quota_refusal(403, "tenant_missing")), rid);
+            };
+            let Some(resolved) = snap
+                .quotas
+                .resolve(&gateway.registries.quotas, &tenant, q.group)
+            else {
+                return Plan::Reject(Reject::Quota(quota_refusal(403, "unknown_tenant")), rid);
+            };
+            match resolved.admit(&gateway.cluster, true).await {
+                Ok(a) => {
+                    quota_tenant = Some(tenant.into_owned());
+                    Some(a)
+                }
+                Err(r) => return Plan::Reject(Reject::Quota(r), rid),
             }
         }
         None => None,
@@ -234,6 +267,9 @@ pub fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Plan {
             .consumer
             .map(|c| snap.consumers.consumers[c].name.clone());
         tenant = identity.tenant.clone();
+    }
+    if quota_tenant.is_some() {
+        tenant = quota_tenant;
     }
 
     if let Some(rw) = &route.rewrite {
@@ -275,6 +311,7 @@ pub fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Plan {
         started,
         consumer,
         tenant,
+        _quota: admission,
     }))
 }
 
@@ -303,6 +340,16 @@ struct Outcome {
     received: u64,
     upstream_ms: Option<f64>,
     error: Option<&'static str>,
+}
+
+fn quota_refusal(status: u16, code: &'static str) -> QuotaRefusal {
+    QuotaRefusal {
+        status,
+        code,
+        retry_after: 0,
+        limit: 0,
+        window: 0,
+    }
 }
 
 /// Connects, relays the handshake and pumps the tunnel until it ends, then logs it.

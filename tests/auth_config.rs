@@ -6,10 +6,8 @@ use std::fs;
 use std::path::Path;
 
 use tollgate::config::ConfigError;
-use tollgate::gateway::build;
+use tollgate::gateway::{build, Registries};
 use tollgate::observe::Metrics;
-use tollgate::policy::auth::jwks::JwksRegistry;
-use tollgate::upstream::Registry;
 
 const HEAD: &str = "listeners: [ { name: web, address: \"127.0.0.1:18080\" } ]\n\
                     admin: { address: \"127.0.0.1:19090\" }\n\
@@ -21,14 +19,7 @@ fn check(dir: &Path, main: &str, consumers: Option<&str>) -> Result<(), Vec<Conf
     if let Some(c) = consumers {
         fs::write(dir.join("consumers.yaml"), c).unwrap();
     }
-    build(
-        &path,
-        &Registry::new(),
-        &Metrics::new(),
-        &JwksRegistry::new(),
-        1,
-    )
-    .map(|_| ())
+    build(&path, &Registries::default(), &Metrics::new(), 1).map(|_| ())
 }
 
 fn line_of(text: &str, needle: &str) -> usize {
@@ -159,33 +150,63 @@ fn auth_needs_a_consumers_file_that_exists() {
 fn the_shipped_configs_and_the_consumers_example_load() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let load = |path: &Path| {
-        build(
-            path,
-            &Registry::new(),
-            &Metrics::new(),
-            &JwksRegistry::new(),
-            1,
-        )
-        .map(|_| ())
-        .unwrap_or_else(|e| panic!("{}: {e:#?}", path.display()))
+        build(path, &Registries::default(), &Metrics::new(), 1)
+            .map(|_| ())
+            .unwrap_or_else(|e| panic!("{}: {e:#?}", path.display()))
     };
     load(&root.join("conf/tollgate.yaml"));
     load(&root.join("packaging/tollgate.yaml"));
     // The commented examples, switched on.
     let dir = tempfile::tempdir().unwrap();
-    fs::copy(
-        root.join("conf/consumers.example.yaml"),
-        dir.path().join("consumers.example.yaml"),
-    )
-    .unwrap();
+    for example in ["consumers.example.yaml", "quotas.example.yaml"] {
+        fs::copy(root.join("conf").join(example), dir.path().join(example)).unwrap();
+    }
     let text = fs::read_to_string(root.join("conf/tollgate.yaml"))
         .unwrap()
         .replace("# include:", "include:")
         .replace(
             "  - name: hello\n",
-            "  - { name: guarded, match: { path: /guarded }, respond: { body: ok }, auth: [key, hmac] }\n  - name: hello\n",
+            "  - { name: guarded, match: { path: /guarded }, respond: { body: ok }, auth: [key, hmac], quota: tenant }\n  - name: hello\n",
         );
     assert!(text.contains("\ninclude:") && text.contains("guarded"));
     fs::write(dir.path().join("tollgate.yaml"), text).unwrap();
     load(&dir.path().join("tollgate.yaml"));
+}
+
+#[test]
+fn quota_errors_name_quotas_yaml_or_the_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let main = format!(
+        "{HEAD}include: {{ quotas: quotas.yaml }}\n\
+         routes:\n\
+         \x20 - {{ name: ok, match: {{ path: /a }}, upstream: app, quota: {{ tenant: {{ header: x-org }}, group: api }} }}\n\
+         \x20 - {{ name: needs-auth, match: {{ path: /b }}, upstream: app, quota: tenant }}\n\
+         \x20 - {{ name: bad-host, match: {{ path: /c }}, upstream: app, quota: {{ tenant: {{ host: \"x.example.com\" }} }} }}\n"
+    );
+    let quotas = "plans:\n\
+                  \x20 free: { requests_per_second: 0 }\n\
+                  \x20 pro: { requests_per_minute: 10, colour: red }\n\
+                  default_plan: gold\n\
+                  tenants:\n\
+                  \x20 acme: { plan: platinum }\n\
+                  \x20 \"bad tenant\": { requests_per_second: 5 }\n";
+    fs::write(dir.path().join("quotas.yaml"), quotas).unwrap();
+    let errors = check(dir.path(), &main, None).unwrap_err();
+    let quotas_file = dir.path().join("quotas.yaml").display().to_string();
+    for (path, needle) in [
+        ("plans.free.requests_per_second", "free:"),
+        ("plans.pro", "colour"),
+        ("default_plan", "gold"),
+        ("tenants.acme.plan", "platinum"),
+    ] {
+        let e = find(&errors, path);
+        assert_eq!(e.file, quotas_file, "{e}");
+        assert_eq!(e.line, line_of(quotas, needle), "{e}");
+    }
+    find(&errors, "tenants.bad tenant");
+    let e = find(&errors, "routes[1].quota.tenant");
+    assert!(e.message.contains("auth"), "{e}");
+    assert_eq!(e.line, line_of(&main, "needs-auth"));
+    let e = find(&errors, "routes[2].quota");
+    assert!(e.message.contains("{tenant}"), "{e}");
 }

@@ -34,6 +34,9 @@ pub struct Include {
     /// Consumers, their credentials and JWT issuers.
     #[serde(default)]
     pub consumers: Option<String>,
+    /// Per-tenant quotas: plans, tenants, cluster-wide counting.
+    #[serde(default)]
+    pub quotas: Option<String>,
 }
 
 /// Process-wide authentication settings (`auth:` at the top level).

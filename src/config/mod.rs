@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod quota;
 pub mod schema;
 mod secrets;
 pub mod source;
@@ -23,6 +24,7 @@ use serde_yaml::Value;
 
 pub use auth::*;
 pub use error::{ConfigError, FieldError};
+pub use quota::*;
 pub use schema::*;
 pub use source::SourceMap;
 
@@ -37,6 +39,8 @@ const SECTIONS: &[&str] = &[
     "drain",
     "include",
     "auth",
+    "client_ip",
+    "flood",
     "upstreams",
     "routes",
 ];
@@ -171,6 +175,8 @@ fn parse(text: &str, errors: &mut Vec<Located>) -> Config {
             "drain" => section(name, value, &mut config.drain, errors),
             "include" => section(name, value, &mut config.include, errors),
             "auth" => section(name, value, &mut config.auth, errors),
+            "client_ip" => section(name, value, &mut config.client_ip, errors),
+            "flood" => section(name, value, &mut config.flood, errors),
             "upstreams" => (config.upstreams, config.broken_upstreams) = upstreams(value, errors),
             "routes" => config.routes = routes(value, errors),
             other => errors.push(Located::Key(FieldError::new(
@@ -299,6 +305,7 @@ fn placeholder_route(i: usize) -> Route {
         websocket: WebSocket::default(),
         max_body: None,
         auth: None,
+        quota: None,
     }
 }
 
@@ -322,6 +329,82 @@ impl LoadedConsumers {
 pub fn load_consumers(
     path: &Path,
 ) -> Result<(LoadedConsumers, BTreeSet<String>, Vec<ConfigError>), Vec<ConfigError>> {
+    let mut parsed = ConsumersFile::default();
+    let mut broken = BTreeSet::new();
+    let (source, errors) = load_included(path, "jwt_issuers, consumers", |key, value, errors| {
+        match key {
+            "jwt_issuers" => parsed.jwt_issuers = named_items(key, value, &mut broken, errors),
+            "consumers" => parsed.consumers = named_items(key, value, &mut broken, errors),
+            _ => return false,
+        }
+        true
+    })?;
+    Ok((
+        LoadedConsumers {
+            file: parsed,
+            source,
+        },
+        broken,
+        errors,
+    ))
+}
+
+/// A parsed `quotas.yaml` and the position index of its file.
+#[derive(Debug, Clone)]
+pub struct LoadedQuotas {
+    pub file: QuotasFile,
+    pub source: SourceMap,
+}
+
+impl LoadedQuotas {
+    /// Locates compile-stage errors in this file.
+    pub fn locate(&self, errors: &[FieldError]) -> Vec<ConfigError> {
+        errors.iter().map(|e| self.source.locate(e)).collect()
+    }
+}
+
+/// Reads and parses `quotas.yaml` like [`load_consumers`].
+pub fn load_quotas(
+    path: &Path,
+) -> Result<(LoadedQuotas, BTreeSet<String>, Vec<ConfigError>), Vec<ConfigError>> {
+    let mut parsed = QuotasFile {
+        max_tenants: quota::DEFAULT_MAX_TENANTS,
+        ..QuotasFile::default()
+    };
+    let mut broken = BTreeSet::new();
+    let (source, errors) = load_included(
+        path,
+        "plans, default_plan, unknown_tenants, tenants, cluster, max_tenants",
+        |key, value, errors| {
+            match key {
+                "plans" => parsed.plans = named_items(key, value, &mut broken, errors),
+                "tenants" => parsed.tenants = named_items(key, value, &mut broken, errors),
+                "default_plan" => section(key, value, &mut parsed.default_plan, errors),
+                "unknown_tenants" => section(key, value, &mut parsed.unknown_tenants, errors),
+                "cluster" => section(key, value, &mut parsed.cluster, errors),
+                "max_tenants" => section(key, value, &mut parsed.max_tenants, errors),
+                _ => return false,
+            }
+            true
+        },
+    )?;
+    Ok((
+        LoadedQuotas {
+            file: parsed,
+            source,
+        },
+        broken,
+        errors,
+    ))
+}
+
+/// Reads an included file: index positions, expand secrets, hand each top-level key to
+/// `section` (which returns false for keys it does not know), locate every error.
+fn load_included(
+    path: &Path,
+    expected: &str,
+    mut section: impl FnMut(&str, Value, &mut Vec<Located>) -> bool,
+) -> Result<(SourceMap, Vec<ConfigError>), Vec<ConfigError>> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
         vec![ConfigError {
@@ -334,13 +417,10 @@ pub fn load_consumers(
     })?;
     let source = SourceMap::build(&file, &text).map_err(|e| vec![e])?;
     let mut errors = Vec::new();
-    let mut parsed = ConsumersFile::default();
-    let mut broken = BTreeSet::new();
-    let root: Value = match serde_yaml::from_str(&text) {
+    let mut root: Value = match serde_yaml::from_str(&text) {
         Ok(v) => v,
         Err(e) => return Err(vec![source.locate(&FieldError::new("", e.to_string()))]),
     };
-    let mut root = root;
     let mut secret_errors = Vec::new();
     secrets::expand(&mut root, "", &mut secret_errors);
     errors.extend(secret_errors.into_iter().map(Located::Value));
@@ -348,38 +428,22 @@ pub fn load_consumers(
         Value::Null => {}
         Value::Mapping(map) => {
             for (key, value) in map {
-                match key.as_str() {
-                    Some("jwt_issuers") => {
-                        parsed.jwt_issuers =
-                            named_items(key.as_str().unwrap_or(""), value, &mut broken, &mut errors)
-                    }
-                    Some("consumers") => {
-                        parsed.consumers = named_items("consumers", value, &mut broken, &mut errors)
-                    }
-                    other => errors.push(Located::Key(FieldError::new(
-                        other.unwrap_or(""),
-                        format!(
-                            "unknown section `{}`; expected jwt_issuers or consumers",
-                            other.unwrap_or("?")
-                        ),
-                    ))),
+                let name = key.as_str().unwrap_or("?").to_string();
+                if !section(&name, value, &mut errors) {
+                    errors.push(Located::Key(FieldError::new(
+                        name.as_str(),
+                        format!("unknown section `{name}`; expected one of {expected}"),
+                    )));
                 }
             }
         }
         _ => errors.push(Located::Value(FieldError::new(
             "",
-            "expected a mapping with `consumers` (and optionally `jwt_issuers`)",
+            format!("expected a mapping with sections ({expected})"),
         ))),
     }
     let located = locate_all(&source, &errors);
-    Ok((
-        LoadedConsumers {
-            file: parsed,
-            source,
-        },
-        broken,
-        located,
-    ))
+    Ok((source, located))
 }
 
 /// A mapping of names to items, each parsed on its own so one bad item does not hide the

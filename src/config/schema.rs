@@ -68,6 +68,10 @@ pub struct Config {
     pub drain: Drain,
     pub include: super::auth::Include,
     pub auth: super::auth::AuthSettings,
+    /// Which address is the client: the peer, or from trusted proxies' `X-Forwarded-For`.
+    pub client_ip: crate::policy::client_ip::ClientIpSettings,
+    /// Flood (CC) protection per client IP.
+    pub flood: crate::policy::flood::FloodSettings,
     /// Upstreams in name order (the map is ordered so output and errors are stable).
     pub upstreams: BTreeMap<String, Upstream>,
     /// Routes in declared order; declared order is the last tie-breaker of routing precedence.
@@ -547,6 +551,9 @@ pub struct Route {
     /// Credentials this route requires (see `config::auth`). None: no authentication.
     #[serde(default)]
     pub auth: Option<super::auth::RouteAuth>,
+    /// The tenant quota this route spends (see `config::quota`). None: no quota.
+    #[serde(default)]
+    pub quota: Option<super::quota::RouteQuota>,
 }
 
 /// All conditions must hold. An empty match matches every request.

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use crate::gateway::build;
 use crate::lifecycle::notify::read_pid_file;
 use crate::observe::Metrics;
-use crate::upstream::Registry;
 
 /// How long the new process may take to start listening on the upgrade socket.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(15);
@@ -45,9 +44,8 @@ fn upgrade(conf: &Path, ready_timeout: Duration, log: Option<&Path>) -> Result<S
     // 1. The new binary must accept the config.
     let (loaded, _) = build(
         conf,
-        &Registry::new(),
+        &crate::gateway::Registries::default(),
         &Metrics::new(),
-        &crate::policy::auth::jwks::JwksRegistry::new(),
         1,
     )
     .map_err(|errors| {

@@ -29,6 +29,17 @@ pub struct Metrics {
     pub draining: IntGauge,
     /// Authentication outcomes by route, method and result (`ok` or the failure code).
     pub auth: IntCounterVec,
+    /// Quota decisions by tenant (listed tenants; `_other` for the rest), group and result.
+    pub quota: IntCounterVec,
+    /// Requests and WebSockets in flight per listed tenant and group (refreshed at scrape).
+    pub quota_in_flight: IntGaugeVec,
+    /// 1 while the cluster quota store (Redis) answers; absent without one.
+    pub quota_store_up: IntGauge,
+    /// Requests refused by flood protection, and IPs blocked at first refusal.
+    pub flood_refused: IntCounter,
+    pub flood_blocks: IntCounter,
+    /// Blocks in force (refreshed at scrape).
+    pub flood_blocked_ips: IntGauge,
 }
 
 /// Counter handles of one route (and its upstream), resolved once per snapshot.
@@ -131,8 +142,48 @@ impl Metrics {
             &["route", "method", "result"],
         )
         .expect("valid metric");
+        let quota = IntCounterVec::new(
+            Opts::new(
+                "tollgate_quota_requests_total",
+                "Quota decisions by tenant, route group and result (admitted, rate_limited, concurrency_limited, websocket_limited)",
+            ),
+            &["tenant", "group", "result"],
+        )
+        .expect("valid metric");
+        let quota_in_flight = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_quota_in_flight",
+                "Requests (kind=request) and WebSockets (kind=websocket) in flight per listed tenant and group",
+            ),
+            &["tenant", "group", "kind"],
+        )
+        .expect("valid metric");
+        let quota_store_up = IntGauge::new(
+            "tollgate_quota_store_up",
+            "1 while the cluster quota store (Redis) answers, 0 while quotas fall back",
+        )
+        .expect("valid metric");
+        let flood_refused = IntCounter::new(
+            "tollgate_flood_refused_total",
+            "Requests refused because their client IP is blocked by flood protection",
+        )
+        .expect("valid metric");
+        let flood_blocks = IntCounter::new(
+            "tollgate_flood_blocks_total",
+            "Client IP blocks started by flood protection (per IP, or per IP and route)",
+        )
+        .expect("valid metric");
+        let flood_blocked_ips =
+            IntGauge::new("tollgate_flood_blocked", "Flood protection blocks in force")
+                .expect("valid metric");
         for c in [
             Box::new(draining.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(flood_refused.clone()),
+            Box::new(flood_blocks.clone()),
+            Box::new(flood_blocked_ips.clone()),
+            Box::new(quota.clone()),
+            Box::new(quota_in_flight.clone()),
+            Box::new(quota_store_up.clone()),
             Box::new(auth.clone()),
             Box::new(requests.clone()),
             Box::new(duration.clone()),
@@ -164,6 +215,12 @@ impl Metrics {
             access_log_dropped,
             draining,
             auth,
+            quota,
+            quota_in_flight,
+            quota_store_up,
+            flood_refused,
+            flood_blocks,
+            flood_blocked_ips,
         }
     }
 

@@ -1,4 +1,7 @@
-//! Request policies, applied in a fixed order after routing (see DESIGN): authentication now;
-//! quotas, flood protection and the WAF join here.
+//! Request policies, applied in a fixed order after routing (see DESIGN): flood protection per
+//! client IP, authentication, then tenant quotas; the WAF joins here.
 
 pub mod auth;
+pub mod client_ip;
+pub mod flood;
+pub mod quota;

@@ -37,7 +37,8 @@ fn header<'a>(req: &'a RequestHeader, name: &str, bearer: bool) -> Option<&'a st
     Some(value)
 }
 
-fn query<'a>(req: &'a RequestHeader, name: &str) -> Option<Cow<'a, str>> {
+/// The (percent-decoded) value of query parameter `name`.
+pub fn query<'a>(req: &'a RequestHeader, name: &str) -> Option<Cow<'a, str>> {
     req.uri.query()?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (decode(k) == name).then(|| decode(v))
