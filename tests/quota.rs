@@ -173,6 +173,10 @@ fn per_second_and_per_minute_limits_hold_within_two_percent_under_3x_load() {
     let span = (last - first) as f64 / 1000.0;
     let expected = 20.0 + 40.0 * span;
     let got = load.admitted.len() as f64;
+    eprintln!(
+        "per second: admitted {got} of {} offered in {span:.2} s; expected {expected:.1}",
+        load.admitted.len() as u64 + load.refused
+    );
     assert!(
         (got - expected).abs() <= expected * 0.02 + 1.0,
         "per second: admitted {got} in {span:.2} s, expected {expected:.0} (burst 20 + 40/s) ±2 %"
@@ -188,6 +192,7 @@ fn per_second_and_per_minute_limits_hold_within_two_percent_under_3x_load() {
         *per_window.entry(t / 60_000).or_insert(0u64) += 1;
     }
     let total: u64 = per_window.values().sum();
+    eprintln!("per minute (limit 150): admitted per clock minute {per_window:?}");
     assert!(per_window.values().all(|&n| n <= 150), "{per_window:?}");
     // 450 offered over at most two windows: at least one window is full.
     assert!(
