@@ -309,19 +309,22 @@ fn placeholder_route(i: usize) -> Route {
     }
 }
 
-/// A parsed `consumers.yaml` and the position index of its file.
+/// A parsed included file (consumers.yaml, quotas.yaml) and the position index of its file.
 #[derive(Debug, Clone)]
-pub struct LoadedConsumers {
-    pub file: ConsumersFile,
+pub struct Included<T> {
+    pub file: T,
     pub source: SourceMap,
 }
 
-impl LoadedConsumers {
+impl<T> Included<T> {
     /// Locates compile-stage errors in this file.
     pub fn locate(&self, errors: &[FieldError]) -> Vec<ConfigError> {
         errors.iter().map(|e| self.source.locate(e)).collect()
     }
 }
+
+pub type LoadedConsumers = Included<ConsumersFile>;
+pub type LoadedQuotas = Included<QuotasFile>;
 
 /// Reads and parses `consumers.yaml` like [`load_lenient`]: what could be parsed, and every
 /// error located in this file. A consumer or issuer that fails to parse is left out (the config
@@ -340,27 +343,13 @@ pub fn load_consumers(
         true
     })?;
     Ok((
-        LoadedConsumers {
+        Included {
             file: parsed,
             source,
         },
         broken,
         errors,
     ))
-}
-
-/// A parsed `quotas.yaml` and the position index of its file.
-#[derive(Debug, Clone)]
-pub struct LoadedQuotas {
-    pub file: QuotasFile,
-    pub source: SourceMap,
-}
-
-impl LoadedQuotas {
-    /// Locates compile-stage errors in this file.
-    pub fn locate(&self, errors: &[FieldError]) -> Vec<ConfigError> {
-        errors.iter().map(|e| self.source.locate(e)).collect()
-    }
 }
 
 /// Reads and parses `quotas.yaml` like [`load_consumers`].
@@ -389,7 +378,7 @@ pub fn load_quotas(
         },
     )?;
     Ok((
-        LoadedQuotas {
+        Included {
             file: parsed,
             source,
         },

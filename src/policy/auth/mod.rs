@@ -64,8 +64,9 @@ pub struct Identity {
     pub tenant: Option<String>,
     pub method: Option<AuthMethod>,
     claim_headers: Vec<(HeaderName, HeaderValue)>,
-    /// Where the credential was found, to remove it (when the route strips credentials).
-    found_in: Option<CredentialSource>,
+    /// Which of the method's sources held the credential, to remove it (when the route strips
+    /// credentials): an index into the route's `key_from` or `jwt_from`.
+    found_in: Option<usize>,
     /// The claim the route's quota counts by, from a verified JWT (strings and numbers).
     pub claim: Option<String>,
 }
@@ -403,7 +404,7 @@ impl RoutePolicy {
                 tenant: table.consumers[c].tenant.clone(),
                 method: Some(AuthMethod::Key),
                 claim_headers: Vec::new(),
-                found_in: Some(self.key_from[source].clone()),
+                found_in: Some(source),
                 claim: None,
             }),
             None => Err(self.unauthorized("key", "invalid_api_key", "the API key is not valid")),
@@ -417,7 +418,7 @@ impl RoutePolicy {
     ) -> Option<Result<Identity, AuthFailure>> {
         let (token, source) = credential::find(req, &self.jwt_from, true)?;
         Some(self.verify_jwt(&token, table).map(|mut identity| {
-            identity.found_in = Some(self.jwt_from[source].clone());
+            identity.found_in = Some(source);
             identity
         }))
     }
@@ -542,9 +543,10 @@ impl RoutePolicy {
         req: &mut RequestHeader,
     ) {
         if self.strip {
-            match (&identity.found_in, identity.method) {
-                (Some(source), _) => credential::strip(req, source),
-                (None, Some(AuthMethod::Hmac)) => {
+            match (identity.method, identity.found_in) {
+                (Some(AuthMethod::Key), Some(i)) => credential::strip(req, &self.key_from[i]),
+                (Some(AuthMethod::Jwt), Some(i)) => credential::strip(req, &self.jwt_from[i]),
+                (Some(AuthMethod::Hmac), _) => {
                     req.remove_header("x-ca-signature");
                 }
                 _ => {}
