@@ -55,6 +55,8 @@
 //! by `on_unavailable`: `local` counts exactly on this gateway with
 //! `ceil(limit / fleet_size)` per window (requests admitted from leases in the same window
 //! count too), `allow` admits, `reject` rejects with `retry_after = reconnect_interval`.
+//! What a gateway admits on its own is reported with its next lease of the same window, so
+//! the window in which Redis comes back does not hand out the whole budget again.
 //!
 //! Memory: one entry per (key, window length) in use (about 150 bytes plus the key), in 64
 //! shards; a background sweep (every second) drops entries whose window ended, or that no
@@ -113,14 +115,20 @@ const LEASE_LIFE: Duration = Duration::from_secs(1);
 /// `command_timeout`.
 const MAX_ROUNDS: usize = 4;
 
-/// Grants `min(want, limit - handed out)` of a window's budget and records it.
-/// KEYS[1]: window counter. ARGV: want, limit, expiry in ms. Returns {granted, handed out}.
+/// Records `report` requests a gateway admitted on its own in this window (while Redis was
+/// down), then grants `min(want, limit - handed out)` of the window's budget and records it.
+/// KEYS[1]: window counter. ARGV: want, limit, expiry in ms, report. Returns {granted, handed
+/// out}.
 const LEASE_SCRIPT: &str = r"
+local report = tonumber(ARGV[4] or '0')
+if report > 0 then redis.call('INCRBY', KEYS[1], report) end
 local used = tonumber(redis.call('GET', KEYS[1]) or '0')
 local grant = math.min(tonumber(ARGV[1]), tonumber(ARGV[2]) - used)
-if grant <= 0 then return {0, used} end
-local total = redis.call('INCRBY', KEYS[1], grant)
-if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+local total = used
+if grant > 0 then total = redis.call('INCRBY', KEYS[1], grant) else grant = 0 end
+if (grant > 0 or report > 0) and redis.call('PTTL', KEYS[1]) < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
 return {grant, total}
 ";
 
@@ -327,6 +335,10 @@ struct Entry {
     lease: AtomicU64,
     /// (window, requests admitted here in it), for the `local` fallback.
     admitted: AtomicU64,
+    /// (window, requests admitted here without a lease, Redis not told yet). Reported with the
+    /// next lease of the same window, so that a window in which Redis comes back does not
+    /// hand out the whole budget again on top of what the fallback admitted.
+    unreported: AtomicU64,
     /// (window, limit) at which the fleet's budget ran out; 0 when not known.
     exhausted: AtomicU64,
     /// Latest window index a request touched; the sweep drops the entry once it ended.
@@ -349,6 +361,7 @@ impl Entry {
             window_secs,
             lease: AtomicU64::new(pack(w, 0)),
             admitted: AtomicU64::new(pack(w, 0)),
+            unreported: AtomicU64::new(pack(w, 0)),
             exhausted: AtomicU64::new(0),
             seen: AtomicU64::new(w),
             touched_s: AtomicU64::new(now / 1000),
@@ -421,6 +434,33 @@ impl Entry {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
                 (v == 0 || !later(unpack(v).0, w as u32)).then_some(new)
             });
+    }
+
+    /// Notes `n` admissions in window `w` made without a lease (or takes them back, negative).
+    fn note_unreported(&self, w: u64, n: i64) {
+        let _ = self
+            .unreported
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                let (lw, c) = unpack(v);
+                if lw == w as u32 {
+                    Some(pack(w, c.saturating_add_signed(n)))
+                } else if later(w as u32, lw) {
+                    Some(pack(w, n.max(0) as u64))
+                } else {
+                    None
+                }
+            });
+    }
+
+    /// Takes the count of window `w`'s unreported admissions (to report them to Redis).
+    fn take_unreported(&self, w: u64) -> u64 {
+        let prev = self.unreported.swap(pack(w, 0), Ordering::AcqRel);
+        let (lw, c) = unpack(prev);
+        if lw == w as u32 {
+            c
+        } else {
+            0
+        }
     }
 
     /// Counts one admission in window `w`, if fewer than `cap` were admitted in it.
@@ -832,10 +872,17 @@ impl ClusterStore {
         let redis_key = format!("{}{key}:{}:{w}", s.key_prefix, entry.window_secs);
         let expire_ms = (w + 1) * win_ms - now.min((w + 1) * win_ms) + KEY_SLACK.as_millis() as u64;
         self.counters.round_trips.fetch_add(1, Ordering::Relaxed);
+        let report = entry.take_unreported(w);
         let mut invocation = self.script.key(&redis_key);
-        invocation.arg(want).arg(limit).arg(expire_ms);
+        invocation.arg(want).arg(limit).arg(expire_ms).arg(report);
         let call = invocation.invoke_async::<(u64, u64)>(&mut conn);
-        match timeout_at(deadline, call).await {
+        let answer = timeout_at(deadline, call).await;
+        if !matches!(answer, Ok(Ok(_))) {
+            // Not known to have arrived: report it with the next lease (at worst twice, which
+            // only makes the window stricter).
+            entry.note_unreported(w, report as i64);
+        }
+        match answer {
             Ok(Ok((grant, total))) => {
                 link.last_ok_ms.store(now_ms(), Ordering::Relaxed);
                 entry.add(w, grant);
@@ -900,15 +947,17 @@ impl ClusterStore {
     ) -> Decision {
         self.counters.fallback.fetch_add(1, Ordering::Relaxed);
         match s.on_unavailable {
-            Fallback::Local => local(
-                entry,
-                w,
-                limit.div_ceil(u64::from(s.fleet_size.max(1))),
-                now,
-                win_ms,
-            ),
+            Fallback::Local => {
+                let cap = limit.div_ceil(u64::from(s.fleet_size.max(1)));
+                let decision = local(entry, w, cap, now, win_ms);
+                if decision == Decision::Admit {
+                    entry.note_unreported(w, 1);
+                }
+                decision
+            }
             Fallback::Allow => {
                 entry.admit_local(w, u64::MAX);
+                entry.note_unreported(w, 1);
                 Decision::Admit
             }
             Fallback::Reject => Decision::Reject {
@@ -1151,6 +1200,9 @@ fn give_back(o: &Outcome) {
         return;
     };
     let w = o.window as u32;
+    if !o.lease {
+        entry.note_unreported(o.window, -1);
+    }
     if o.lease {
         let _ = entry
             .lease
