@@ -390,6 +390,25 @@ impl Gateway {
         }
     }
 
+    /// With a cluster store configured (quotas.yaml `cluster:`), an HMAC nonce the local store
+    /// accepted is checked once more fleet-wide, so a request replayed to another gateway (or
+    /// to this one after a binary upgrade) is refused too. Without an answer from Redis the
+    /// local check stands.
+    pub async fn fleet_nonce_check(
+        &self,
+        policy: &crate::policy::auth::RoutePolicy,
+        identity: &crate::policy::auth::Identity,
+        req: &pingora_http::RequestHeader,
+    ) -> Result<(), crate::respond::AuthFailure> {
+        let Some((key, ttl)) = policy.fleet_nonce(identity, req) else {
+            return Ok(());
+        };
+        match self.cluster.first_seen(&key, ttl).await {
+            Some(false) => Err(policy.nonce_replayed()),
+            _ => Ok(()),
+        }
+    }
+
     /// Flood protection for one request from `ip` on the route with `flood_id`: Some(refusal)
     /// when the IP is blocked. A new block is logged once and counted.
     pub fn flood_check(

@@ -121,6 +121,14 @@ impl Proxy {
             &snap.consumers,
             &self.gateway.nonces,
         );
+        let outcome = match outcome {
+            Ok(identity) => self
+                .gateway
+                .fleet_nonce_check(policy, &identity, session.req_header())
+                .await
+                .map(|()| identity),
+            Err(f) => Err(f),
+        };
         policy.record(&self.gateway.metrics.auth, &outcome);
         match outcome {
             Ok(identity) => {

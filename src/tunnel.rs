@@ -217,7 +217,14 @@ pub async fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Pla
     // A handshake has no body, so HMAC signatures here cover headers and query only.
     let identity = match &binding.auth {
         Some(policy) => {
-            let outcome = policy.authenticate(&request, None, &snap.consumers, &gateway.nonces);
+            let outcome =
+                match policy.authenticate(&request, None, &snap.consumers, &gateway.nonces) {
+                    Ok(identity) => gateway
+                        .fleet_nonce_check(policy, &identity, &request)
+                        .await
+                        .map(|()| identity),
+                    Err(f) => Err(f),
+                };
             policy.record(&gateway.metrics.auth, &outcome);
             match outcome {
                 Ok(identity) => Some(identity),

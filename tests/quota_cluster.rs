@@ -715,3 +715,80 @@ routes:
     eprintln!("total runtime {:?}", started.elapsed());
     drop(redis);
 }
+
+/// Signs a GET with the independent X-Ca-* signer (tests/fixtures/ca_sign.py).
+fn ca_sign(target: &str, key: &str, secret: &str) -> Vec<(String, String)> {
+    let out = std::process::Command::new("/usr/bin/python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/ca_sign.py"
+        ))
+        .args([
+            "--method", "GET", "--target", target, "--key", key, "--secret", secret,
+        ])
+        .output()
+        .expect("run tests/fixtures/ca_sign.py");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+        .collect()
+}
+
+#[test]
+fn an_hmac_nonce_used_on_one_gateway_is_refused_on_the_other() {
+    let redis = Redis::start();
+    let app = common::HttpBackend::start("app");
+    let dir = tempfile::tempdir().unwrap();
+    let quotas = dir.path().join("quotas.yaml");
+    fs::write(
+        &quotas,
+        format!("cluster: {{ redis: \"{}\", fleet_size: 2 }}\n", redis.url()),
+    )
+    .unwrap();
+    let consumers = dir.path().join("consumers.yaml");
+    fs::write(
+        &consumers,
+        "consumers:\n  acme-app: { tenant: acme, hmac: [ { access_key: ak1, secret: \"s3cret-0123456789abcdef\" } ] }\n",
+    )
+    .unwrap();
+    let template = config(&format!(
+        r#"include: {{ quotas: "{}", consumers: "{}" }}
+upstreams:
+  app: {{ backends: [ {{ address: "{}" }} ] }}
+routes:
+  - {{ name: api, upstream: app, auth: [hmac] }}
+"#,
+        quotas.display(),
+        consumers.display(),
+        app.addr()
+    ));
+    let a = Gateway::start(&template);
+    let b = Gateway::start(&template);
+    for gw in [&a, &b] {
+        assert!(gw.wait_metric("tollgate_quota_store_up", 1.0, Duration::from_secs(5)));
+    }
+    let send = |gw: &Gateway, signed: &[(String, String)]| {
+        let mut req = Req::get("/orders?page=1").host("api.test");
+        for (k, v) in signed {
+            req = req.header(k, v);
+        }
+        gw.send(&req)
+    };
+    let signed = ca_sign("/orders?page=1", "ak1", "s3cret-0123456789abcdef");
+    assert_eq!(send(&a, &signed).status, 200, "first use on A");
+    let hits = app.hits();
+    let r = send(&b, &signed);
+    assert_eq!(r.status, 401, "replayed to B: {}", r.text());
+    assert_eq!(r.json()["error"], "nonce_replayed");
+    assert!(r.header("www-authenticate").is_some());
+    assert_eq!(app.hits(), hits, "the replay reached the upstream");
+    let fresh = ca_sign("/orders?page=1", "ak1", "s3cret-0123456789abcdef");
+    assert_eq!(send(&b, &fresh).status, 200, "a fresh nonce on B");
+}

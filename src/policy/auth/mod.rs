@@ -23,7 +23,7 @@ pub mod nonce;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderName, HeaderValue};
 use pingora_http::RequestHeader;
@@ -318,6 +318,26 @@ impl RoutePolicy {
             challenge: (e.status() == 401).then_some(self.challenge),
             method: "hmac",
         })
+    }
+
+    /// For a request that passed by HMAC with a nonce: the fleet-wide key of that nonce and how
+    /// long it must be remembered, to check it once more across gateways.
+    pub fn fleet_nonce(
+        &self,
+        identity: &Identity,
+        req: &RequestHeader,
+    ) -> Option<(String, Duration)> {
+        if identity.method != Some(AuthMethod::Hmac) {
+            return None;
+        }
+        let key = req.headers.get("x-ca-key")?.to_str().ok()?;
+        let nonce = req.headers.get("x-ca-nonce")?.to_str().ok()?;
+        Some((format!("{key}:{nonce}"), 2 * self.hmac.clock_skew.get()))
+    }
+
+    /// The refusal of a nonce another gateway (or an earlier process) has already seen.
+    pub fn nonce_replayed(&self) -> AuthFailure {
+        self.unauthorized("hmac", "nonce_replayed", "this nonce was already used")
     }
 
     /// The largest body `authenticate` reads.

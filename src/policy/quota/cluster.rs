@@ -654,6 +654,34 @@ impl ClusterStore {
         self.ensure_maintainer();
     }
 
+    /// Records a one-time value (an HMAC request's nonce) fleet-wide for `ttl`: `Some(true)`
+    /// the first time the fleet sees `key`, `Some(false)` when it was seen before, `None` when
+    /// there is no answer (not configured, Redis down or slow: the caller's local check stands).
+    /// One round trip, at most `command_timeout`.
+    pub async fn first_seen(&self, key: &str, ttl: Duration) -> Option<bool> {
+        let active = self.active.load_full()?;
+        if active.link.state() != UP {
+            return None;
+        }
+        let (generation, mut conn) = active.link.connection()?;
+        self.counters.round_trips.fetch_add(1, Ordering::Relaxed);
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(format!("{}once:{key}", active.settings.key_prefix))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
+        let call = cmd.query_async::<Option<String>>(&mut conn);
+        match timeout(active.settings.command_timeout.get(), call).await {
+            Ok(Ok(set)) => Some(set.is_some()),
+            Ok(Err(e)) => {
+                self.mark_down(&active, generation, &e);
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
     /// Configured, and Redis answered the last time it was asked.
     pub fn up(&self) -> bool {
         self.active
