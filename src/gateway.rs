@@ -390,6 +390,42 @@ impl Gateway {
         }
     }
 
+    /// Counts a request (or, with `websocket`, a new tunnel) against the quota of the tenant
+    /// the route's policy finds in it. The admission holds the concurrency slot. The tenant
+    /// comes back with a refusal too (for the access log), when there was one.
+    pub async fn admit_quota(
+        &self,
+        snap: &Snapshot,
+        policy: &crate::policy::quota::QuotaPolicy,
+        req: &pingora_http::RequestHeader,
+        identity: Option<&crate::policy::auth::Identity>,
+        client_ip: Option<std::net::IpAddr>,
+        websocket: bool,
+    ) -> (
+        Option<String>,
+        Result<crate::policy::quota::Admission, crate::respond::QuotaRefusal>,
+    ) {
+        use crate::policy::quota;
+        let refuse = |code| crate::respond::QuotaRefusal {
+            status: 403,
+            code,
+            retry_after: 0,
+            limit: 0,
+            window: 0,
+        };
+        let Some(tenant) = quota::tenant_of(&policy.source, req, identity, client_ip) else {
+            return (None, Err(refuse("tenant_missing")));
+        };
+        let admission = match snap
+            .quotas
+            .resolve(&self.registries.quotas, &tenant, policy.group)
+        {
+            Some(resolved) => resolved.admit(&self.cluster, websocket).await,
+            None => Err(refuse("unknown_tenant")),
+        };
+        (Some(tenant.into_owned()), admission)
+    }
+
     /// With a cluster store configured (quotas.yaml `cluster:`), an HMAC nonce the local store
     /// accepted is checked once more fleet-wide, so a request replayed to another gateway (or
     /// to this one after a binary upgrade) is refused too. Without an answer from Redis the

@@ -27,8 +27,7 @@ use crate::forwarding::{self, Client, X_REQUEST_ID};
 use crate::gateway::Gateway;
 use crate::observe::{access_log::now_rfc3339, AccessRecord};
 use crate::policy::auth::{self, Identity, RoutePolicy};
-use crate::policy::quota::{self, limiter::now_ns, Admission, QuotaPolicy};
-use crate::respond::QuotaRefusal;
+use crate::policy::quota::{self, limiter::now_ns, Admission};
 use crate::respond::{request_id, Reject};
 use crate::router::{Action, RequestHead};
 use crate::snapshot::Snapshot;
@@ -137,37 +136,6 @@ impl Proxy {
             }
             Err(f) => Err(Reject::Auth(f)),
         }
-    }
-
-    /// Counts the request against its tenant's quota; the admission (and its concurrency slot,
-    /// released when the request ends however it ends) goes into `ctx`.
-    async fn admit_quota(
-        &self,
-        session: &mut Session,
-        ctx: &mut Ctx,
-        snap: &Snapshot,
-        policy: &QuotaPolicy,
-    ) -> std::result::Result<(), QuotaRefusal> {
-        let refuse = |code| QuotaRefusal {
-            status: 403,
-            code,
-            retry_after: 0,
-            limit: 0,
-            window: 0,
-        };
-        let req = session.req_header();
-        let tenant = quota::tenant_of(&policy.source, req, ctx.identity.as_ref(), ctx.real_ip)
-            .ok_or(refuse("tenant_missing"))?;
-        let resolved = snap
-            .quotas
-            .resolve(&self.gateway.registries.quotas, &tenant, policy.group)
-            .ok_or(refuse("unknown_tenant"))?;
-        let admission = resolved
-            .admit(&self.gateway.cluster, session.is_upgrade_req())
-            .await;
-        ctx.quota_tenant = Some(tenant.into_owned());
-        ctx.quota = Some((admission?, policy.headers));
-        Ok(())
     }
 
     /// Writes a gateway error as JSON. Used before proxying starts.
@@ -294,8 +262,22 @@ impl ProxyHttp for Proxy {
             }
         }
         if let Some(policy) = &snap.bindings[index].quota {
-            if let Err(r) = self.admit_quota(session, ctx, &snap, policy).await {
-                return self.reject(session, ctx, Reject::Quota(r)).await;
+            let (tenant, admitted) = self
+                .gateway
+                .admit_quota(
+                    &snap,
+                    policy,
+                    session.req_header(),
+                    ctx.identity.as_ref(),
+                    ctx.real_ip,
+                    session.is_upgrade_req(),
+                )
+                .await;
+            ctx.quota_tenant = tenant;
+            match admitted {
+                // The slot is held by `ctx` until the request ends, however it ends.
+                Ok(admission) => ctx.quota = Some((admission, policy.headers)),
+                Err(r) => return self.reject(session, ctx, Reject::Quota(r)).await,
             }
         }
 

@@ -32,7 +32,6 @@ use crate::forwarding::{self, Client};
 use crate::gateway::Gateway;
 use crate::observe::{access_log::now_rfc3339, AccessRecord, RouteMetrics};
 use crate::policy::{auth, quota};
-use crate::respond::QuotaRefusal;
 use crate::respond::{request_id, Reject};
 use crate::router::{Action, HeaderEdits, RequestHead};
 use crate::upstream::{Pick, SubsetId, Upstream};
@@ -237,21 +236,12 @@ pub async fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Pla
     let mut quota_tenant = None;
     let admission = match &binding.quota {
         Some(q) => {
-            let Some(tenant) = quota::tenant_of(&q.source, &request, identity.as_ref(), real_ip)
-            else {
-                return Plan::Reject(Reject::Quota(quota_refusal(403, "tenant_missing")), rid);
-            };
-            let Some(resolved) = snap
-                .quotas
-                .resolve(&gateway.registries.quotas, &tenant, q.group)
-            else {
-                return Plan::Reject(Reject::Quota(quota_refusal(403, "unknown_tenant")), rid);
-            };
-            match resolved.admit(&gateway.cluster, true).await {
-                Ok(a) => {
-                    quota_tenant = Some(tenant.into_owned());
-                    Some(a)
-                }
+            let (tenant, admitted) = gateway
+                .admit_quota(&snap, q, &request, identity.as_ref(), real_ip, true)
+                .await;
+            quota_tenant = tenant;
+            match admitted {
+                Ok(a) => Some(a),
                 Err(r) => return Plan::Reject(Reject::Quota(r), rid),
             }
         }
@@ -347,16 +337,6 @@ struct Outcome {
     received: u64,
     upstream_ms: Option<f64>,
     error: Option<&'static str>,
-}
-
-fn quota_refusal(status: u16, code: &'static str) -> QuotaRefusal {
-    QuotaRefusal {
-        status,
-        code,
-        retry_after: 0,
-        limit: 0,
-        window: 0,
-    }
 }
 
 /// Connects, relays the handshake and pumps the tunnel until it ends, then logs it.
