@@ -337,7 +337,8 @@ impl RoutePolicy {
 
     /// The refusal of a nonce another gateway (or an earlier process) has already seen.
     pub fn nonce_replayed(&self) -> AuthFailure {
-        self.unauthorized("hmac", "nonce_replayed", "this nonce was already used")
+        let e = hmac::HmacError::NonceReplayed;
+        self.unauthorized("hmac", e.code(), e.message())
     }
 
     /// The largest body `authenticate` reads.
