@@ -11,13 +11,18 @@
 //! `Stream::rewind`, then `HttpProxy::process_new_http` runs the normal `ProxyHttp` phases. In
 //! Pingora 0.9.1 the keep-alive loop lives inside `HttpServerApp`'s blanket `ServerApp` impl,
 //! so this module runs that loop itself to see every request head, not just the first.
-//! HTTP/2 connections go to Pingora whole (WebSocket over h2 is not supported by Pingora).
+//! HTTP/2 connections (ALPN `h2`, or the h2c preface on a listener with `h2c: true`) go to
+//! Pingora whole (WebSocket over h2 is not supported by Pingora).
+//!
+//! TLS listeners are plain TCP to Pingora: the handshake runs here, with the acceptor of the
+//! snapshot current at accept time (`tls`), so certificate changes reload without a restart.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
@@ -48,6 +53,16 @@ enum Head {
     Reject(Reject),
     /// `buf[..len]` is a complete head (`buf` may hold more bytes after it).
     Ready { len: usize, websocket: bool },
+    /// `buf` starts with the HTTP/2 connection preface (h2c listeners only).
+    H2c,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether what arrived so far is (the start of) the HTTP/2 preface.
+fn is_h2_preface(buf: &[u8]) -> bool {
+    let n = buf.len().min(H2_PREFACE.len());
+    buf[..n] == H2_PREFACE[..n]
 }
 
 #[async_trait]
@@ -58,6 +73,23 @@ impl ServerApp for Edge {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let _open = ConnectionGauge::new(&self.gateway.metrics.connections_active);
+        let mut h2c = false;
+        let mut redirects = false;
+        if stream.get_ssl_digest().is_none() {
+            let snap = self.gateway.current();
+            let local = stream
+                .get_socket_digest()
+                .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
+            let listener = local
+                .and_then(|a| crate::tls::listener_for(&snap.listeners, a))
+                .map(|i| &snap.listeners[i]);
+            if let Some(tls) = listener.and_then(|l| l.tls.as_ref()) {
+                stream = self.handshake(tls, stream).await?;
+            } else {
+                h2c = listener.is_some_and(|l| l.h2c);
+                redirects = listener.is_some_and(|l| l.redirect_https.is_some());
+            }
+        }
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }
@@ -66,18 +98,35 @@ impl ServerApp for Edge {
         let mut first = true;
         loop {
             let (http, idle_grace) = self.gateway.connection_settings();
-            match read_head(&mut stream, &mut buf, &http, first, shutdown, idle_grace).await {
+            let h2c_here = h2c && first;
+            match read_head(
+                &mut stream,
+                &mut buf,
+                &http,
+                h2c_here,
+                first,
+                shutdown,
+                idle_grace,
+            )
+            .await
+            {
                 Head::Closed => return None,
+                Head::H2c => {
+                    // Prior-knowledge HTTP/2: Pingora reads the preface again and serves h2.
+                    let replayed = rewind(stream, &buf);
+                    return ServerApp::process_new(&self.proxy, replayed, shutdown).await;
+                }
                 Head::Reject(r) => {
                     let _ = stream.write_all(&r.raw_response(&request_id(None))).await;
                     let _ = stream.flush().await;
                     let _ = stream.shutdown().await;
                     return None;
                 }
+                // On a redirecting listener the proxy answers upgrades with the redirect too.
                 Head::Ready {
                     len,
                     websocket: true,
-                } => {
+                } if !redirects => {
                     match tunnel::plan(&self.gateway, &buf[..len], &stream).await {
                         tunnel::Plan::Tunnel(plan) => {
                             tunnel::run(&self.gateway, plan, stream, buf, len).await;
@@ -95,12 +144,7 @@ impl ServerApp for Edge {
                 }
                 Head::Ready { .. } => {}
             }
-            let replay = std::mem::take(&mut buf);
-            let Some(replayed) = rewind(stream, &replay) else {
-                tracing::error!("cannot replay a request head on this stream type");
-                return None;
-            };
-            buf = replay;
+            let replayed = rewind(stream, &buf);
             let mut session = ServerSession::new_http1(replayed);
             match persistent.take() {
                 Some(p) => p.apply_to_session(&mut session),
@@ -122,15 +166,50 @@ impl ServerApp for Edge {
     }
 }
 
-/// Replays `head` in front of the stream's next reads. Only plaintext TCP/Unix streams can do
-/// this today (TLS listeners need a replaying wrapper).
-fn rewind(stream: Stream, head: &[u8]) -> Option<Stream> {
-    let mut l4 = stream
-        .into_any()
-        .downcast::<pingora_core::protocols::l4::stream::Stream>()
-        .ok()?;
-    l4.rewind(head);
-    Some(l4)
+impl Edge {
+    /// Runs the TLS handshake of a new connection within the listener's handshake timeout.
+    /// None when it fails (the client gets the TLS alert rustls sends, and nothing else).
+    async fn handshake(&self, tls: &crate::tls::TlsTerminator, stream: Stream) -> Option<Stream> {
+        let metrics = &self.gateway.metrics;
+        let l4 = downcast_l4(stream)?;
+        match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.tls_handshake(*l4)).await {
+            Ok(Ok(s)) => {
+                metrics.tls_handshakes.ok.inc();
+                Some(Box::new(s))
+            }
+            Ok(Err(e)) => {
+                metrics.tls_handshakes.failed.inc();
+                tracing::debug!(error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                metrics.tls_handshakes.timeout.inc();
+                None
+            }
+        }
+    }
+}
+
+fn downcast_l4(stream: Stream) -> Option<Box<L4Stream>> {
+    if !stream.as_any().is::<L4Stream>() {
+        tracing::error!("a TLS listener got a stream that is not plain TCP");
+        return None;
+    }
+    stream.into_any().downcast::<L4Stream>().ok()
+}
+
+/// Replays `head` in front of the stream's next reads: plaintext TCP streams take it back
+/// themselves, TLS streams get a replaying wrapper.
+fn rewind(stream: Stream, head: &[u8]) -> Stream {
+    if stream.as_any().is::<L4Stream>() {
+        let mut l4 = stream
+            .into_any()
+            .downcast::<L4Stream>()
+            .expect("checked by `is` above");
+        l4.rewind(head);
+        return l4;
+    }
+    crate::tls::replay::Replay::rewind(stream, head)
 }
 
 /// Reads one request head into `buf` within the configured limits and timeouts.
@@ -138,6 +217,7 @@ async fn read_head(
     stream: &mut Stream,
     buf: &mut Vec<u8>,
     http: &crate::config::HttpSettings,
+    h2c: bool,
     first: bool,
     shutdown: &ShutdownWatch,
     idle_grace: std::time::Duration,
@@ -198,6 +278,12 @@ async fn read_head(
         if n == buf.len() {
             // The head started: from now on the client has the header timeout to finish it.
             deadline = Instant::now() + http.client_header_timeout.get();
+        }
+        if h2c && is_h2_preface(buf) {
+            if buf.len() >= H2_PREFACE.len() {
+                return Head::H2c;
+            }
+            continue;
         }
         match parse_head(buf, http.max_headers) {
             Parsed::Complete { len, websocket } => return Head::Ready { len, websocket },

@@ -121,8 +121,11 @@ pub fn build(
         )
         .and_then(|p| quota_table(&p, &loaded.config, &registries.quotas, &mut errors)),
     };
-    // Errors so far (parse errors, included files) refuse the config; compiling still runs to
-    // report its own, but must not register metric series for a refused config.
+    let (listeners, tls_errors) = crate::tls::compile(&loaded.config.listeners);
+    errors.extend(loaded.locate(&tls_errors));
+    files.extend(crate::tls::files(&loaded.config.listeners));
+    // Errors so far (parse errors, included files, certificates) refuse the config; compiling
+    // still runs to report its own, but must not register metric series for a refused config.
     let refused = !errors.is_empty();
     match snapshot::compile(
         &loaded.config,
@@ -135,6 +138,7 @@ pub fn build(
     ) {
         Ok(mut snap) if errors.is_empty() => {
             snap.files = files;
+            snap.listeners = listeners;
             return Ok((loaded, snap));
         }
         Ok(_) => {}
@@ -151,6 +155,63 @@ pub fn build(
     });
     errors.dedup();
     Err(errors)
+}
+
+/// Refusals for a reload that would turn TLS on or off on a socket this process bound: the
+/// socket keeps speaking what it spoke at start until a binary upgrade, so such a file cannot
+/// be served by reload (address changes and new listeners only wait for the upgrade).
+fn tls_switches(boot: &[config::Listener], new: &[config::Listener]) -> Vec<config::FieldError> {
+    let note = "that needs a binary upgrade (tollgate upgrade); nothing was reloaded";
+    let mut out = Vec::new();
+    for b in boot {
+        match new.iter().position(|n| n.address == b.address) {
+            Some(j) if new[j].tls.is_some() != b.tls.is_some() => {
+                out.push(config::FieldError::new(
+                    config::error::index("listeners", j),
+                    format!(
+                        "listener `{}` on {} was started {}; turning TLS {} {note}",
+                        b.name,
+                        b.address,
+                        if b.tls.is_some() { "with TLS" } else { "without TLS" },
+                        if b.tls.is_some() { "off" } else { "on" },
+                    ),
+                ));
+            }
+            None if b.tls.is_some() => out.push(config::FieldError::new(
+                "listeners",
+                format!(
+                    "the TLS listener `{}` on {} is gone from the file, but its socket stays open until an upgrade and needs its certificates; {note}",
+                    b.name, b.address
+                ),
+            )),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Publishes the expiry of every served certificate, and says in the log which expire soon.
+fn publish_certificates(metrics: &Metrics, snap: &Snapshot) {
+    const SOON: i64 = 30 * 24 * 3600;
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    metrics.tls_cert_not_after.reset();
+    for tls in snap.listeners.iter().filter_map(|l| l.tls.as_ref()) {
+        for c in &tls.certificates {
+            let name = c.names.first().map_or("", String::as_str);
+            metrics
+                .tls_cert_not_after
+                .with_label_values(&[&c.listener, &c.file, name])
+                .set(c.not_after);
+            let left = c.not_after - now;
+            if left <= 0 {
+                tracing::error!(listener = %c.listener, file = %c.file, names = ?c.names, "certificate has expired; clients will refuse it");
+            } else if left < SOON {
+                tracing::warn!(listener = %c.listener, file = %c.file, names = ?c.names, days_left = left / 86400, "certificate expires soon");
+            }
+        }
+    }
 }
 
 /// The path of an included file, which is watched from now on; None (and an error at the
@@ -257,6 +318,7 @@ impl Gateway {
             }]
         })?;
         metrics.generation.set(1);
+        publish_certificates(&metrics, &snap);
         let tunnels = TunnelRegistry::new(metrics.tunnels_active.clone());
         Ok(Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(snap),
@@ -327,7 +389,18 @@ impl Gateway {
             &self.registries,
             &self.metrics,
             generation,
-        );
+        )
+        .and_then(|(loaded, snap)| {
+            let errors = loaded.locate(&tls_switches(
+                &self.boot.listeners,
+                &loaded.config.listeners,
+            ));
+            if errors.is_empty() {
+                Ok((loaded, snap))
+            } else {
+                Err(errors)
+            }
+        });
         state.last_reload = Some(SystemTime::now());
         match result {
             Ok((loaded, snap)) => {
@@ -344,6 +417,7 @@ impl Gateway {
                 self.snapshot.store(snap.clone());
                 self.registries.upstreams.retain(&snap.upstreams);
                 self.cluster.configure(snap.quotas.cluster.as_ref());
+                publish_certificates(&self.metrics, &snap);
                 state.applied = loaded.config;
                 state.last_error = None;
                 self.metrics.generation.set(generation as i64);

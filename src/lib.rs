@@ -13,5 +13,6 @@ pub mod proxy;
 pub mod respond;
 pub mod router;
 pub mod snapshot;
+pub mod tls;
 pub mod tunnel;
 pub mod upstream;

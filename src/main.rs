@@ -130,6 +130,19 @@ fn report_restart_only_changes(config: &tollgate::config::Config) {
     }
 }
 
+/// Downstream HTTP/2 settings from `server.h2`.
+fn h2_options(
+    limits: &tollgate::config::H2Limits,
+) -> pingora_core::protocols::http::v2::server::H2Options {
+    let clamp = |b: tollgate::config::units::ByteSize| b.get().min(u32::MAX as u64) as u32;
+    let mut o = pingora_core::protocols::http::v2::server::default_h2_options();
+    o.max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(clamp(limits.max_header_list))
+        .initial_window_size(clamp(limits.stream_window).min((1 << 31) - 1))
+        .initial_connection_window_size(clamp(limits.connection_window).min((1 << 31) - 1));
+    o
+}
+
 fn run(cli: &Cli) -> ExitCode {
     let gateway = match Gateway::start(&cli.conf) {
         Ok(g) => g,
@@ -162,12 +175,20 @@ fn run(cli: &Cli) -> ExitCode {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let proxy = Arc::new(pingora_proxy::http_proxy(
+    let mut proxy = pingora_proxy::http_proxy(
         &server.configuration,
         Proxy {
             gateway: gateway.clone(),
         },
-    ));
+    );
+    // The edge hands Pingora only HTTP/2 connections through this path (ALPN h2, or the h2c
+    // preface on listeners that allow it), so h2c here never catches an HTTP/1 client.
+    let mut options = pingora_core::apps::HttpServerOptions::default();
+    options.h2c = true;
+    options.h2_idle_timeout = Some(cfg.server.h2.idle_timeout.get());
+    proxy.server_options = Some(options);
+    proxy.h2_options = Some(h2_options(&cfg.server.h2));
+    let proxy = Arc::new(proxy);
     let mut edge = Service::new(
         "tollgate".to_string(),
         Edge {

@@ -61,6 +61,16 @@ pub struct Ctx {
     quota_tenant: Option<String>,
     /// The client's address: the peer, or from trusted proxies' `X-Forwarded-For`.
     real_ip: Option<std::net::IpAddr>,
+    /// Index into `snap.listeners` of the listener the request came in on.
+    listener: Option<usize>,
+}
+
+impl Ctx {
+    /// `Strict-Transport-Security` of the listener, if it sets one.
+    fn hsts(&self) -> Option<&http::HeaderValue> {
+        let snap = self.snap.as_ref()?;
+        snap.listeners.get(self.listener?)?.hsts.as_ref()
+    }
 }
 
 fn idempotent(method: &http::Method) -> bool {
@@ -206,6 +216,7 @@ impl ProxyHttp for Proxy {
             quota: None,
             quota_tenant: None,
             real_ip: None,
+            listener: None,
         }
     }
 
@@ -235,6 +246,26 @@ impl ProxyHttp for Proxy {
         };
         session.set_read_timeout(Some(snap.http.client_body_timeout.get()));
         ctx.snap = Some(snap.clone());
+        ctx.listener = session
+            .server_addr()
+            .and_then(|a| a.as_inet())
+            .and_then(|a| crate::tls::listener_for(&snap.listeners, *a));
+        if let Some(redirect) = ctx
+            .listener
+            .and_then(|i| snap.listeners[i].redirect_https.as_ref())
+        {
+            let req = session.req_header();
+            let head = RequestHead::from_parts(req);
+            let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
+            if let Some(location) = redirect.location(head.host.unwrap_or(""), target) {
+                let mut resp = ResponseHeader::build(redirect.status, Some(3))?;
+                resp.insert_header("location", location)?;
+                resp.insert_header("content-length", 0)?;
+                resp.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+                session.write_response_header(Box::new(resp), true).await?;
+                return Ok(true);
+            }
+        }
 
         // A client can never claim an identity: the headers the gateway sets go first.
         auth::strip_identity_headers(session.req_header_mut(), &snap.identity_headers);
@@ -339,6 +370,9 @@ impl ProxyHttp for Proxy {
             &ctx.request_id,
             &route.response_headers,
         );
+        if let Some(hsts) = ctx.hsts() {
+            resp.insert_header(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone())?;
+        }
         let head_only = body.is_empty();
         session
             .write_response_header(Box::new(resp), head_only)
@@ -501,6 +535,10 @@ impl ProxyHttp for Proxy {
         if let (Some(snap), Some(route)) = (&ctx.snap, ctx.route) {
             let edits = &snap.router.routes()[route].response_headers;
             forwarding::downstream_response(upstream_response, &snap.http, &ctx.request_id, edits);
+        }
+        if let Some(hsts) = ctx.hsts() {
+            upstream_response
+                .insert_header(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone())?;
         }
         if let Some((
             Admission {

@@ -41,6 +41,8 @@ pub struct Snapshot {
     pub quotas: Arc<QuotaTable>,
     /// Files besides the main config this snapshot was read from (watched for changes).
     pub files: Vec<std::path::PathBuf>,
+    /// How each listener serves (TLS certificates, h2c, https redirect, HSTS), config order.
+    pub listeners: Vec<crate::tls::ListenerPolicy>,
 }
 
 /// What a route is wired to in this generation.
@@ -230,6 +232,7 @@ pub fn compile(
                 client_ip: client_ip.unwrap_or_default(),
                 flood: flood.unwrap_or_default(),
                 files: Vec::new(),
+                listeners: Vec::new(),
             })
         }
         _ => Err(errors),

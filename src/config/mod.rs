@@ -91,7 +91,42 @@ pub fn load_lenient(path: &Path) -> Result<(Loaded, Vec<ConfigError>), Vec<Confi
             message: format!("cannot read the file: {e}"),
         }]
     })?;
-    load_str_lenient(&file, &text)
+    let (mut loaded, errors) = load_str_lenient(&file, &text)?;
+    if let Some(dir) = path.parent() {
+        resolve_paths(&mut loaded.config, dir);
+    }
+    Ok((loaded, errors))
+}
+
+/// Makes the file paths the config names (certificates, keys, CAs) relative to the config
+/// file's directory, as `include` paths are, once, so compiling reads the right files whatever
+/// the working directory.
+fn resolve_paths(config: &mut Config, dir: &Path) {
+    let fix = |p: &mut String| {
+        if Path::new(p.as_str()).is_relative() {
+            *p = dir.join(p.as_str()).to_string_lossy().into_owned();
+        }
+    };
+    for tls in config.listeners.iter_mut().filter_map(|l| l.tls.as_mut()) {
+        for c in &mut tls.certificates {
+            fix(&mut c.cert);
+            fix(&mut c.key);
+            if let Some(ocsp) = &mut c.ocsp {
+                fix(ocsp);
+            }
+        }
+        if let Some(auth) = &mut tls.client_auth {
+            fix(&mut auth.ca);
+        }
+    }
+    for tls in config.upstreams.values_mut().filter_map(|u| u.tls.as_mut()) {
+        for p in [&mut tls.ca, &mut tls.client_cert, &mut tls.client_key]
+            .into_iter()
+            .flatten()
+        {
+            fix(p);
+        }
+    }
 }
 
 fn load_str_lenient(
@@ -474,6 +509,65 @@ fn named_items<T: DeserializeOwned>(
     out
 }
 
+/// Options of one listener that only make sense together (files are read when compiling).
+fn check_listener_options(path: &str, l: &Listener, err: &mut impl FnMut(String, String)) {
+    match &l.tls {
+        Some(tls) => {
+            if tls.certificates.is_empty() {
+                err(
+                    error::join(path, "tls.certificates"),
+                    "at least one `{ cert: FILE, key: FILE }` is needed".into(),
+                );
+            }
+            if tls.certificates.iter().filter(|c| c.default).count() > 1 {
+                err(
+                    error::join(path, "tls.certificates"),
+                    "only one certificate can be `default: true`".into(),
+                );
+            }
+            if l.h2c {
+                err(
+                    error::join(path, "h2c"),
+                    "h2c is cleartext HTTP/2; a TLS listener negotiates h2 by ALPN (`tls.http2`)"
+                        .into(),
+                );
+            }
+            if l.redirect_https.is_some() {
+                err(
+                    error::join(path, "redirect_https"),
+                    "this listener already speaks TLS; set `redirect_https` on the plaintext one"
+                        .into(),
+                );
+            }
+        }
+        None => {
+            if l.hsts.is_some() {
+                err(
+                    error::join(path, "hsts"),
+                    "HSTS is only honoured over https: set it on a TLS listener".into(),
+                );
+            }
+        }
+    }
+    if let Some(r) = &l.redirect_https {
+        if ![301, 302, 307, 308].contains(&r.status) {
+            err(
+                error::join(path, "redirect_https.status"),
+                format!(
+                    "{} is not a redirect status; use 301, 302, 307 or 308",
+                    r.status
+                ),
+            );
+        }
+        if r.port == 0 {
+            err(
+                error::join(path, "redirect_https.port"),
+                "must be a port number (1-65535)".into(),
+            );
+        }
+    }
+}
+
 /// Checks of the settings Pingora takes at start (listeners, admin, server).
 fn check_process_settings(config: &Config, errors: &mut Vec<Located>) {
     let mut err =
@@ -512,6 +606,9 @@ fn check_process_settings(config: &Config, errors: &mut Vec<Located>) {
                 ),
             ),
         }
+    }
+    for (i, l) in config.listeners.iter().enumerate() {
+        check_listener_options(&error::index("listeners", i), l, &mut err);
     }
     match config.admin.address.parse::<SocketAddr>() {
         Ok(a) if addresses.contains(&a) => err(

@@ -16,7 +16,7 @@ use super::units::{ByteSize, Dur};
 /// publishes the running process's, so `tollgate check` can say what a file would change.
 #[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
 pub struct Bound {
-    pub listeners: Vec<Listener>,
+    pub listeners: Vec<BoundListener>,
     pub admin: Admin,
     pub server: ServerSettings,
     /// `auth.nonce_capacity`: the replay store is sized once.
@@ -27,7 +27,7 @@ pub struct Bound {
 impl Bound {
     pub fn of(config: &Config) -> Bound {
         Bound {
-            listeners: config.listeners.clone(),
+            listeners: config.listeners.iter().map(BoundListener::of).collect(),
             admin: config.admin.clone(),
             server: config.server.clone(),
             nonce_capacity: config.auth.nonce_capacity,
@@ -81,14 +81,159 @@ pub struct Config {
     pub broken_upstreams: std::collections::BTreeSet<String>,
 }
 
-/// A listening socket. Listeners are fixed for the life of a process (Pingora binds them at
-/// start); changing them needs the binary-upgrade path, everything else reloads live.
-#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+/// A listening socket. The socket and whether it speaks TLS are fixed for the life of a
+/// process (Pingora binds them at start; changing them needs the binary-upgrade path). What is
+/// served on it (certificates, client authentication, h2c, redirects, HSTS) reloads live.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     pub name: String,
     /// `host:port`, e.g. `0.0.0.0:8080` or `[::]:8080`.
     pub address: String,
+    /// Terminate TLS here (certificates chosen by SNI).
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+    /// Also accept cleartext HTTP/2 with prior knowledge (h2c), e.g. for gRPC clients inside a
+    /// trusted network. Plaintext listeners only (TLS listeners negotiate h2 by ALPN).
+    #[serde(default)]
+    pub h2c: bool,
+    /// Answer every request with a redirect to `https://` (plaintext listeners).
+    #[serde(default)]
+    pub redirect_https: Option<RedirectHttps>,
+    /// `Strict-Transport-Security` on every response of this (TLS) listener.
+    #[serde(default)]
+    pub hsts: Option<Hsts>,
+}
+
+/// What of a listener is bound at start.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+pub struct BoundListener {
+    pub name: String,
+    pub address: String,
+    #[serde(default)]
+    pub tls: bool,
+}
+
+impl BoundListener {
+    pub fn of(l: &Listener) -> BoundListener {
+        BoundListener {
+            name: l.name.clone(),
+            address: l.address.clone(),
+            tls: l.tls.is_some(),
+        }
+    }
+}
+
+/// `listeners[].tls`: certificates and handshake policy of a TLS listener (hot).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// Certificate chains and keys. The names each one serves are read from the certificate
+    /// (subjectAltName DNS names, else the subject CN), exact or `*.wildcard`.
+    pub certificates: Vec<Certificate>,
+    /// A client whose SNI names no certificate (or that sends no SNI): `default` serves the
+    /// default certificate, `refuse` fails the handshake.
+    #[serde(default)]
+    pub unknown_sni: UnknownSni,
+    /// Lowest TLS version accepted: `"1.2"` or `"1.3"`.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// Offer HTTP/2 by ALPN (`h2`, then `http/1.1`).
+    #[serde(default = "default_true")]
+    pub http2: bool,
+    /// Ask clients for a certificate signed by these CAs (mTLS).
+    #[serde(default)]
+    pub client_auth: Option<ClientAuth>,
+    /// Time a client has to complete the TLS handshake.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: Dur,
+}
+
+fn default_handshake_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    /// PEM file: the leaf certificate first, then its intermediates.
+    pub cert: String,
+    /// PEM file: the private key (PKCS#8, PKCS#1 RSA or SEC1 EC).
+    pub key: String,
+    /// DER OCSP response to staple (refreshed by whatever writes the file; reloaded with it).
+    #[serde(default)]
+    pub ocsp: Option<String>,
+    /// Serve this certificate for unknown SNI (default: the first certificate).
+    #[serde(default)]
+    pub default: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownSni {
+    #[default]
+    Default,
+    Refuse,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuth {
+    /// PEM file of the CA certificates client certificates must chain to.
+    pub ca: String,
+    /// Refuse clients without a certificate (else they pass without an identity).
+    #[serde(default = "default_true")]
+    pub required: bool,
+}
+
+/// `listeners[].redirect_https`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectHttps {
+    /// Port of the https URL (443 is left out of it).
+    #[serde(default = "default_https_port")]
+    pub port: u16,
+    /// 301, 302, 307 or 308 (308 keeps the method and body).
+    #[serde(default = "default_https_redirect_status")]
+    pub status: u16,
+    /// Path prefixes still served over plain HTTP (ACME HTTP-01 challenges by default).
+    #[serde(default = "default_redirect_except")]
+    pub except: Vec<String>,
+}
+
+fn default_https_port() -> u16 {
+    443
+}
+fn default_https_redirect_status() -> u16 {
+    308
+}
+fn default_redirect_except() -> Vec<String> {
+    vec!["/.well-known/acme-challenge/".into()]
+}
+
+/// `listeners[].hsts`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Hsts {
+    #[serde(default = "default_hsts_max_age")]
+    pub max_age: Dur,
+    #[serde(default)]
+    pub include_subdomains: bool,
+    #[serde(default)]
+    pub preload: bool,
+}
+
+fn default_hsts_max_age() -> Dur {
+    Dur(Duration::from_secs(365 * 24 * 3600))
 }
 
 /// The operator listener: Prometheus `/metrics` (and later the admin API). Loopback by default.
@@ -133,6 +278,57 @@ pub struct ServerSettings {
     pub pid_file: String,
     #[serde(default = "default_upgrade_sock")]
     pub upgrade_sock: String,
+    /// Downstream HTTP/2 limits.
+    #[serde(default)]
+    pub h2: H2Limits,
+}
+
+/// Limits of downstream HTTP/2 connections (`server.h2`).
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct H2Limits {
+    /// Streams one client may have open at once (nginx: 128).
+    #[serde(default = "default_h2_streams")]
+    pub max_concurrent_streams: u32,
+    /// Largest decoded header list of one request.
+    #[serde(default = "default_h2_header_list")]
+    pub max_header_list: ByteSize,
+    /// Flow-control window of each stream and of the whole connection.
+    #[serde(default = "default_h2_stream_window")]
+    pub stream_window: ByteSize,
+    #[serde(default = "default_h2_connection_window")]
+    pub connection_window: ByteSize,
+    /// Close a connection that has had no open stream this long.
+    #[serde(default = "default_h2_idle")]
+    pub idle_timeout: Dur,
+}
+
+impl Default for H2Limits {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: default_h2_streams(),
+            max_header_list: default_h2_header_list(),
+            stream_window: default_h2_stream_window(),
+            connection_window: default_h2_connection_window(),
+            idle_timeout: default_h2_idle(),
+        }
+    }
+}
+
+fn default_h2_streams() -> u32 {
+    128
+}
+fn default_h2_header_list() -> ByteSize {
+    ByteSize(32 * 1024)
+}
+fn default_h2_stream_window() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_h2_connection_window() -> ByteSize {
+    ByteSize(4 << 20)
+}
+fn default_h2_idle() -> Dur {
+    Dur(Duration::from_secs(180))
 }
 
 impl Default for ServerSettings {
@@ -144,6 +340,7 @@ impl Default for ServerSettings {
             read_buffer: default_read_buffer(),
             pid_file: default_pid_file(),
             upgrade_sock: default_upgrade_sock(),
+            h2: H2Limits::default(),
         }
     }
 }
@@ -344,6 +541,20 @@ pub struct Upstream {
     /// Connect to the backends over TLS.
     #[serde(default)]
     pub tls: Option<UpstreamTls>,
+    /// HTTP version spoken to the backends: `http1`, `h2` (HTTP/2 only: prior knowledge on
+    /// cleartext, ALPN `h2` over TLS; what gRPC backends need) or `auto` (ALPN picks h2 or
+    /// HTTP/1.1 over TLS; HTTP/1.1 on cleartext).
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    H2,
+    Auto,
 }
 
 fn default_retries() -> usize {
@@ -503,6 +714,14 @@ pub struct UpstreamTls {
     /// Verify the backend certificate (on by default).
     #[serde(default = "default_true")]
     pub verify: bool,
+    /// PEM file of the CAs the backend certificate must chain to (default: the system's).
+    #[serde(default)]
+    pub ca: Option<String>,
+    /// Client certificate (PEM chain) and key presented to the backends.
+    #[serde(default)]
+    pub client_cert: Option<String>,
+    #[serde(default)]
+    pub client_key: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -40,6 +40,16 @@ pub struct Metrics {
     pub flood_blocks: IntCounter,
     /// Blocks in force (refreshed at scrape).
     pub flood_blocked_ips: IntGauge,
+    /// TLS handshakes by result, resolved once (a handshake only increments).
+    pub tls_handshakes: TlsHandshakes,
+    /// notAfter of each served certificate (Unix seconds), by listener, file and first name.
+    pub tls_cert_not_after: IntGaugeVec,
+}
+
+pub struct TlsHandshakes {
+    pub ok: IntCounter,
+    pub failed: IntCounter,
+    pub timeout: IntCounter,
 }
 
 /// Counter handles of one route (and its upstream), resolved once per snapshot.
@@ -176,8 +186,31 @@ impl Metrics {
         let flood_blocked_ips =
             IntGauge::new("tollgate_flood_blocked", "Flood protection blocks in force")
                 .expect("valid metric");
+        let tls_handshakes_vec = IntCounterVec::new(
+            Opts::new(
+                "tollgate_tls_handshakes_total",
+                "Downstream TLS handshakes by result (ok, failed, timeout)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let tls_handshakes = TlsHandshakes {
+            ok: tls_handshakes_vec.with_label_values(&["ok"]),
+            failed: tls_handshakes_vec.with_label_values(&["failed"]),
+            timeout: tls_handshakes_vec.with_label_values(&["timeout"]),
+        };
+        let tls_cert_not_after = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_tls_certificate_not_after_seconds",
+                "Expiry (notAfter, Unix seconds) of each certificate served, by listener, file and first name",
+            ),
+            &["listener", "file", "name"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(draining.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tls_handshakes_vec.clone()),
+            Box::new(tls_cert_not_after.clone()),
             Box::new(flood_refused.clone()),
             Box::new(flood_blocks.clone()),
             Box::new(flood_blocked_ips.clone()),
@@ -221,6 +254,8 @@ impl Metrics {
             flood_refused,
             flood_blocks,
             flood_blocked_ips,
+            tls_handshakes,
+            tls_cert_not_after,
         }
     }
 
