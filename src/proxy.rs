@@ -157,6 +157,9 @@ impl Proxy {
 }
 
 async fn write_json_error(session: &mut Session, r: Reject, request_id: &str) {
+    if crate::respond::is_grpc(&session.req_header().headers) {
+        return write_grpc_error(session, r, request_id).await;
+    }
     let body = Bytes::from(r.body(request_id));
     let Ok(mut resp) = ResponseHeader::build(r.status(), Some(4)) else {
         return;
@@ -186,6 +189,28 @@ async fn write_json_error(session: &mut Session, r: Reject, request_id: &str) {
     {
         let _ = session.write_response_body(Some(body), true).await;
     }
+}
+
+/// A gateway refusal as a gRPC "trailers-only" response: HTTP 200 whose only header block
+/// carries `grpc-status` and `grpc-message`, as gRPC servers send errors.
+async fn write_grpc_error(session: &mut Session, r: Reject, request_id: &str) {
+    let Ok(mut resp) = ResponseHeader::build(200, Some(5)) else {
+        return;
+    };
+    let _ = resp.insert_header("content-type", "application/grpc");
+    let _ = resp.insert_header(
+        "grpc-status",
+        crate::respond::grpc_status(r.status()).to_string(),
+    );
+    // A message of our own words: printable ASCII, nothing to percent-encode.
+    let _ = resp.insert_header("grpc-message", r.message());
+    let _ = resp.insert_header(X_REQUEST_ID, request_id);
+    if let Reject::Quota(q) = r {
+        for (k, v) in q.headers() {
+            let _ = resp.insert_header(k, v);
+        }
+    }
+    let _ = session.write_response_header(Box::new(resp), true).await;
 }
 
 #[async_trait]

@@ -199,6 +199,31 @@ pub fn request_id(incoming: Option<&[u8]>) -> String {
     format!("{:032x}", fastrand::u128(..))
 }
 
+/// A gRPC request (`content-type: application/grpc[+proto|+json...]`): its errors are
+/// answered the way gRPC clients read them, not as JSON.
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The gRPC status for a gateway refusal, after gRPC's HTTP-to-gRPC mapping
+/// (doc/http-grpc-status-mapping.md), except that quota refusals (429) and oversized bodies
+/// (413) say `RESOURCE_EXHAUSTED` and a gateway timeout (504) `DEADLINE_EXCEEDED`, which tell
+/// a client more than `UNAVAILABLE` does.
+pub fn grpc_status(http_status: u16) -> u8 {
+    match http_status {
+        400 => 13,       // INTERNAL
+        401 => 16,       // UNAUTHENTICATED
+        403 => 7,        // PERMISSION_DENIED
+        404 => 12,       // UNIMPLEMENTED
+        413 | 429 => 8,  // RESOURCE_EXHAUSTED
+        504 => 4,        // DEADLINE_EXCEEDED
+        502 | 503 => 14, // UNAVAILABLE
+        _ => 2,          // UNKNOWN
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

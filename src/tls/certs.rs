@@ -38,12 +38,7 @@ pub fn load(
     let chain = read_chain(cert_path)?;
     let key = read_key(key_path)?;
     let (names, not_after) = leaf_facts(cert_path, &chain[0])?;
-    let mut certified = CertifiedKey::from_der(chain, key, provider).map_err(|e| match e {
-        rustls::Error::InconsistentKeys(_) => {
-            format!("the key in `{key_path}` does not belong to the certificate in `{cert_path}`")
-        }
-        e => format!("`{key_path}`: unusable private key: {e}"),
-    })?;
+    let mut certified = certified(chain, key, cert_path, key_path, provider)?;
     if let Some(ocsp) = ocsp_path {
         let der = std::fs::read(ocsp).map_err(|e| format!("cannot read `{ocsp}`: {e}"))?;
         if der.is_empty() {
@@ -59,7 +54,7 @@ pub fn load(
     })
 }
 
-fn read_chain(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn read_chain(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read `{path}`: {e}"))?;
     let chain = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
@@ -72,7 +67,7 @@ fn read_chain(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(chain)
 }
 
-fn read_key(path: &str) -> Result<PrivateKeyDer<'static>, String> {
+pub(crate) fn read_key(path: &str) -> Result<PrivateKeyDer<'static>, String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read `{path}`: {e}"))?;
     match rustls_pemfile::private_key(&mut pem.as_slice()) {
         Ok(Some(key)) => Ok(key),
@@ -170,6 +165,40 @@ impl ResolvesServerCert for SniResolver {
         }
         self.default.clone()
     }
+}
+
+/// Reads a client certificate chain and its key (for upstream mTLS), checking they match.
+pub fn read_client_pair(
+    cert_path: &str,
+    key_path: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    let chain = read_chain(cert_path)?;
+    let key = read_key(key_path)?;
+    let provider = rustls::crypto::ring::default_provider();
+    certified(
+        chain.clone(),
+        key.clone_key(),
+        cert_path,
+        key_path,
+        &provider,
+    )?;
+    Ok((chain, key))
+}
+
+/// A chain and key rustls can sign with, or why not (a key of another certificate, say).
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    cert_path: &str,
+    key_path: &str,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, String> {
+    CertifiedKey::from_der(chain, key, provider).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => {
+            format!("the key in `{key_path}` does not belong to the certificate in `{cert_path}`")
+        }
+        e => format!("`{key_path}`: unusable private key: {e}"),
+    })
 }
 
 /// Reads a PEM bundle of CA certificates into a root store.

@@ -10,7 +10,9 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::str::FromStr;
 use std::sync::Arc;
 
+use pingora_core::protocols::tls::CaType;
 use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::utils::tls::{parse_x509, CertKey, WrappedX509};
 
 use super::balance::Subset;
 use super::health::{HealthSpec, Probe};
@@ -42,6 +44,7 @@ pub(super) fn compile(
         .as_ref()
         .and_then(|hc| health_check(&format!("{base}.health_check"), hc, &mut errors));
     timeouts(&base, cfg, &mut errors);
+    let mut material = TlsMaterial::default();
     if let Some(tls) = &cfg.tls {
         if tls.sni.as_deref().is_some_and(|s| s.trim().is_empty()) {
             errors.push(FieldError::new(
@@ -49,6 +52,12 @@ pub(super) fn compile(
                 "must not be empty (leave it out to use the backend host)",
             ));
         }
+        material = tls_material(&base, tls, &mut errors);
+    } else if cfg.protocol == config::UpstreamProtocol::Auto {
+        errors.push(FieldError::new(
+            format!("{base}.protocol"),
+            "`auto` picks the version by ALPN, which needs `tls:`; use `h2` for cleartext HTTP/2 (h2c)",
+        ));
     }
     if !errors.is_empty() {
         return Err(errors);
@@ -62,7 +71,7 @@ pub(super) fn compile(
             weight: p.cfg.weight,
             labels: p.cfg.labels.clone(),
             seed: fnv1a(p.cfg.address.as_bytes()),
-            peer: peer(p.addr, p.host, cfg),
+            peer: peer(p.addr, p.host, cfg, &material),
             state: registry.state(name, p.addr),
         })
         .collect();
@@ -268,7 +277,65 @@ fn timeouts(base: &str, cfg: &config::Upstream, errors: &mut Vec<FieldError>) {
 /// The peer every request to this backend uses. Only address, scheme, SNI and verification
 /// enter Pingora's connection-pool key, all of them config-derived, so an unchanged backend
 /// keeps its pooled connections across reloads.
-fn peer(addr: SocketAddr, host: &str, cfg: &config::Upstream) -> HttpPeer {
+/// Concurrent streams tollgate opens on one HTTP/2 upstream connection.
+const H2_STREAMS_PER_CONNECTION: usize = 100;
+
+/// Upstream TLS files, read once per upstream and shared by its backends' peers.
+#[derive(Default)]
+struct TlsMaterial {
+    ca: Option<Arc<CaType>>,
+    /// Keeps connections verified against another CA bundle out of this one's pool.
+    ca_group: u64,
+    client: Option<Arc<CertKey>>,
+}
+
+fn tls_material(
+    base: &str,
+    tls: &config::UpstreamTls,
+    errors: &mut Vec<FieldError>,
+) -> TlsMaterial {
+    use crate::tls::certs;
+    let mut out = TlsMaterial::default();
+    if let Some(ca) = &tls.ca {
+        match certs::read_chain(ca) {
+            Ok(chain) => {
+                out.ca_group = chain.iter().fold(0, |h, c| h ^ fnv1a(c.as_ref()));
+                let wrapped: Vec<WrappedX509> = chain
+                    .into_iter()
+                    .map(|c| WrappedX509::new(c.to_vec(), parse_x509))
+                    .collect();
+                out.ca = Some(wrapped.into());
+            }
+            Err(msg) => errors.push(FieldError::new(format!("{base}.tls.ca"), msg)),
+        }
+    }
+    match (&tls.client_cert, &tls.client_key) {
+        (Some(cert), Some(key)) => match certs::read_client_pair(cert, key) {
+            Ok((chain, key)) => {
+                let chain = chain.into_iter().map(|c| c.to_vec()).collect();
+                out.client = Some(Arc::new(CertKey::new(chain, key.secret_der().to_vec())));
+            }
+            Err(msg) => errors.push(FieldError::new(format!("{base}.tls.client_cert"), msg)),
+        },
+        (None, None) => {}
+        (Some(_), None) => errors.push(FieldError::new(
+            format!("{base}.tls.client_key"),
+            "`client_cert` needs its `client_key`",
+        )),
+        (None, Some(_)) => errors.push(FieldError::new(
+            format!("{base}.tls.client_cert"),
+            "`client_key` needs its `client_cert`",
+        )),
+    }
+    out
+}
+
+fn peer(
+    addr: SocketAddr,
+    host: &str,
+    cfg: &config::Upstream,
+    tls_material: &TlsMaterial,
+) -> HttpPeer {
     let sni = match &cfg.tls {
         Some(tls) => tls.sni.clone().unwrap_or_else(|| host.to_string()),
         None => String::new(),
@@ -284,6 +351,22 @@ fn peer(addr: SocketAddr, host: &str, cfg: &config::Upstream) -> HttpPeer {
         o.total_connection_timeout = Some(cfg.timeouts.connect.get());
         o.verify_cert = tls.verify;
         o.verify_hostname = tls.verify;
+        o.ca = tls_material.ca.clone();
+        peer.client_cert_key = tls_material.client.clone();
+        peer.group_key = tls_material.ca_group;
+    }
+    let o = &mut peer.options;
+    match cfg.protocol {
+        config::UpstreamProtocol::Http1 => {}
+        config::UpstreamProtocol::H2 => {
+            o.set_http_version(2, 2);
+            // gRPC and other h2 clients multiplex: share a connection between streams.
+            o.max_h2_streams = H2_STREAMS_PER_CONNECTION;
+        }
+        config::UpstreamProtocol::Auto => {
+            o.set_http_version(2, 1);
+            o.max_h2_streams = H2_STREAMS_PER_CONNECTION;
+        }
     }
     peer
 }
