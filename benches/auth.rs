@@ -576,14 +576,14 @@ fn bench_authenticate(c: &mut Criterion, jwt: &Jwt) {
     let jwt_req = request(("authorization", format!("Bearer {}", jwt.tokens[hs256])));
 
     let by_key = key_route
-        .authenticate(&key_req, None, &table, &nonces)
+        .authenticate(&key_req, None, None, &table, &nonces)
         .expect("the key is valid");
     assert_eq!(
         table.consumers[by_key.consumer.expect("a consumer")].name,
         format!("c{:06}", KEYS / 2)
     );
     let by_jwt = jwt_route
-        .authenticate(&jwt_req, None, &table, &nonces)
+        .authenticate(&jwt_req, None, None, &table, &nonces)
         .expect("the token is valid");
     assert_eq!(
         table.consumers[by_jwt.consumer.expect("a consumer")].name,
@@ -592,10 +592,10 @@ fn bench_authenticate(c: &mut Criterion, jwt: &Jwt) {
 
     let mut group = c.benchmark_group("authenticate");
     case(&mut group, "authenticate", "key_route_100k", || {
-        key_route.authenticate(black_box(&key_req), None, &table, &nonces)
+        key_route.authenticate(black_box(&key_req), None, None, &table, &nonces)
     });
     case(&mut group, "authenticate", "jwt_hs256_route", || {
-        jwt_route.authenticate(black_box(&jwt_req), None, &table, &nonces)
+        jwt_route.authenticate(black_box(&jwt_req), None, None, &table, &nonces)
     });
     group.finish();
 }

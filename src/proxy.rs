@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use pingora_core::protocols::http::HttpTask;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::ResponseHeader;
@@ -124,9 +125,11 @@ impl Proxy {
             }
             body = Some(buf);
         }
+        let tls = session.digest().and_then(|d| d.ssl_digest.clone());
         let outcome = policy.authenticate(
             session.req_header(),
             body.as_deref(),
+            crate::tls::ClientCert::of(tls.as_deref()),
             &snap.consumers,
             &self.gateway.nonces,
         );
@@ -210,7 +213,12 @@ async fn write_grpc_error(session: &mut Session, r: Reject, request_id: &str) {
             let _ = resp.insert_header(k, v);
         }
     }
-    let _ = session.write_response_header(Box::new(resp), true).await;
+    // As one task with end-of-stream: Pingora 0.9's `write_response_header(.., true)` leaves
+    // the h2 stream open and ends it with an empty DATA frame, which gRPC clients do not read
+    // as trailers-only (they report UNKNOWN instead of our status).
+    let _ = session
+        .write_response_tasks(vec![HttpTask::Header(Box::new(resp), true)])
+        .await;
 }
 
 #[async_trait]

@@ -216,8 +216,10 @@ pub async fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Pla
     // A handshake has no body, so HMAC signatures here cover headers and query only.
     let identity = match &binding.auth {
         Some(policy) => {
+            let tls = client_stream.get_ssl_digest();
+            let cert = crate::tls::ClientCert::of(tls.as_deref());
             let outcome =
-                match policy.authenticate(&request, None, &snap.consumers, &gateway.nonces) {
+                match policy.authenticate(&request, None, cert, &snap.consumers, &gateway.nonces) {
                     Ok(identity) => gateway
                         .fleet_nonce_check(policy, &identity, &request)
                         .await

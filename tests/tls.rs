@@ -819,18 +819,53 @@ fn client_certificates_are_required_or_optional_per_listener() {
     let (client_cert, client_key) = pki.leaf("client", "tenant-acme", &["client.test"], Alg::Ecdsa);
     let stranger = Pki::new("Other CA");
     let (bad_cert, bad_key) = stranger.leaf("client", "mallory", &["client.test"], Alg::Ecdsa);
+    let (device_cert, device_key) = pki.leaf("device", "device-7", &["device.test"], Alg::Ecdsa);
     let app = HttpBackend::start("app");
     let optional = free_port();
     let ca = show(&pki.ca_path());
+    // Consumers by certificate: one by common name, one by the fingerprint of one certificate.
+    let der = rustls_pemfile::certs(&mut std::fs::read(&device_cert).unwrap().as_slice())
+        .next()
+        .unwrap()
+        .unwrap();
+    let fingerprint: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(der.as_ref())
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    let consumers = pki.path("consumers.yaml");
+    std::fs::write(
+        &consumers,
+        format!(
+            "consumers:\n  acme:\n    tenant: acme\n    client_certs: [ {{ common_name: tenant-acme }} ]\n  device:\n    tenant: things\n    client_certs: [ {{ fingerprint: \"{fingerprint}\" }} ]\n"
+        ),
+    )
+    .unwrap();
+    let consumers = show(&consumers);
     let gw = Gateway::start(&format!(
         r#"listeners:
   - {{ name: mtls, address: "127.0.0.1:$PORT", tls: {{ certificates: [ {{ cert: {cert}, key: {key} }} ], client_auth: {{ ca: {ca} }} }} }}
   - {{ name: open, address: "127.0.0.1:{optional}", tls: {{ certificates: [ {{ cert: {cert}, key: {key} }} ], client_auth: {{ ca: {ca}, required: false }} }} }}
 admin: {{ address: "127.0.0.1:$APORT" }}
 server: {{ threads: 2, pid_file: "$DIR/tollgate.pid", upgrade_sock: "$DIR/upgrade.sock" }}
-{}"#,
-        proxy_all(&app)
+include: {{ consumers: {consumers} }}
+upstreams:
+  app: {{ backends: [ {{ address: "{app}" }} ] }}
+routes:
+  - {{ name: who, match: {{ path: /who }}, upstream: app, auth: [cert] }}
+  - {{ name: all, upstream: app }}
+"#,
+        app = app.addr()
     ));
+    let get_path = |port: u16, path: &str, extra: &[&str]| {
+        let rs = resolve("a.test", port);
+        let mut args = vec!["--cacert", ca.as_str(), "--resolve", rs.as_str()];
+        args.extend_from_slice(extra);
+        curl(&args, &format!("https://a.test:{port}{path}"))
+    };
     let get = |port: u16, extra: &[&str]| {
         let rs = resolve("a.test", port);
         let mut args = vec!["--cacert", ca.as_str(), "--resolve", rs.as_str()];
@@ -858,6 +893,46 @@ server: {{ threads: 2, pid_file: "$DIR/tollgate.pid", upgrade_sock: "$DIR/upgrad
         !ok && status == 0,
         "optional still verifies a certificate that is sent: {status}"
     );
+
+    // The verified certificate is the consumer's identity, over HTTP/1.1 and h2 alike.
+    for proto in ["--http1.1", "--http2"] {
+        let (_, _, status, body) = get_path(gw.port, "/who", &[&with_cert[..], &[proto]].concat());
+        assert_eq!(status, 200, "{body}");
+        let echo: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(echo["headers"]["x-consumer"][0], "acme", "{proto}: {echo}");
+        assert_eq!(echo["headers"]["x-tenant"][0], "acme");
+        let device = [
+            "--cert",
+            device_cert.as_str(),
+            "--key",
+            device_key.as_str(),
+            proto,
+        ];
+        let (_, _, status, body) = get_path(optional, "/who", &device);
+        assert_eq!(status, 200, "{body}");
+        let echo: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            echo["headers"]["x-consumer"][0], "device",
+            "{proto}: {echo}"
+        );
+    }
+    // Without a certificate (optional listener) the route refuses; a client cannot claim one.
+    let (_, _, status, body) = get_path(optional, "/who", &["-H", "x-consumer: acme"]);
+    assert_eq!(status, 401, "{body}");
+    // A certificate the CA issued but no consumer names is not an identity.
+    let (client2_cert, client2_key) = pki.leaf("nobody", "nobody", &["n.test"], Alg::Ecdsa);
+    let (_, _, status, body) = get_path(
+        gw.port,
+        "/who",
+        &[
+            "--cert",
+            client2_cert.as_str(),
+            "--key",
+            client2_key.as_str(),
+        ],
+    );
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("unknown_client_certificate"), "{body}");
 }
 
 #[test]

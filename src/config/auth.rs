@@ -82,6 +82,8 @@ pub enum AuthMethod {
     Jwt,
     Hmac,
     Key,
+    /// A client certificate verified by the listener's `tls.client_auth` CA.
+    Cert,
 }
 
 /// Where a credential is read from: `{ header: x-api-key }`, `{ query: apikey }` or
@@ -281,6 +283,21 @@ pub struct ConsumerSpec {
     /// Tokens of these issuers authenticate as this consumer.
     #[serde(default)]
     pub jwt: Vec<JwtMembership>,
+    /// Client certificates (verified by a listener's `tls.client_auth`) that are this consumer.
+    #[serde(default)]
+    pub client_certs: Vec<ClientCertSpec>,
+}
+
+/// One client certificate of a consumer: by the subject's common name (any certificate the
+/// listener's CA issued with it) or by the SHA-256 fingerprint of one certificate.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertSpec {
+    #[serde(default)]
+    pub common_name: Option<String>,
+    /// Hex, with or without `:` separators, optionally prefixed `sha256:`.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -259,7 +259,7 @@ fn terminator(
         server.ticketer = t;
     }
     Ok(TlsTerminator {
-        acceptor: Acceptor::from_server_config(Arc::new(server)),
+        acceptor: acceptor(server, tls.client_auth.is_some()),
         handshake_timeout: tls.handshake_timeout.get(),
         client_auth: tls.client_auth.is_some(),
         certificates: loaded
@@ -272,6 +272,101 @@ fn terminator(
             })
             .collect(),
     })
+}
+
+/// The acceptor for a server config. With client authentication it also runs
+/// [`ClientCertReader`] after each handshake, so the HTTP layer finds the verified certificate
+/// in the connection's TLS digest (HTTP/1 and HTTP/2 alike).
+fn acceptor(server: ServerConfig, client_auth: bool) -> Acceptor {
+    let server = Arc::new(server);
+    if !client_auth {
+        return Acceptor::from_server_config(server);
+    }
+    // Pingora builds an acceptor with callbacks only from its own settings; the config it
+    // builds there is replaced by ours (the `acceptor` field is the rustls acceptor itself).
+    let mut settings =
+        pingora_core::listeners::tls::TlsSettings::with_callbacks(Box::new(ClientCertReader))
+            .expect("settings without files cannot fail");
+    settings.set_cert_resolver(server.cert_resolver.clone());
+    let mut built = settings.build();
+    built.acceptor = pingora_rustls::TlsAcceptor::from(server);
+    built
+}
+
+/// A verified client certificate, as the HTTP layer sees it (from the TLS digest).
+#[derive(Debug, Clone)]
+pub struct ClientCert {
+    /// The subject, RFC 4514 style (`CN=device-1,O=Acme`).
+    pub subject: String,
+    pub common_name: Option<String>,
+    /// SHA-256 of the certificate (DER), lowercase hex.
+    pub fingerprint: String,
+}
+
+impl ClientCert {
+    fn from_der(der: &[u8]) -> Option<ClientCert> {
+        use sha2::Digest;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let common_name = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string);
+        let fingerprint = sha2::Sha256::digest(der)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Some(ClientCert {
+            subject: cert.subject().to_string(),
+            common_name,
+            fingerprint,
+        })
+    }
+
+    /// The certificate of a connection, when the client sent one that verified.
+    pub fn of(digest: Option<&pingora_core::protocols::tls::SslDigest>) -> Option<&ClientCert> {
+        digest?.extension.get::<ClientCert>()
+    }
+
+    pub fn fingerprint_key(&self) -> String {
+        format!("sha256:{}", self.fingerprint)
+    }
+
+    pub fn common_name_key(&self) -> Option<String> {
+        self.common_name.as_deref().map(Self::key_for_common_name)
+    }
+
+    /// Lookup keys of consumers.yaml's `client_certs` entries.
+    pub fn key_for_common_name(cn: &str) -> String {
+        format!("cn:{cn}")
+    }
+
+    pub fn key_for_fingerprint(text: &str) -> Option<String> {
+        let hex: String = text
+            .trim()
+            .trim_start_matches("sha256:")
+            .chars()
+            .filter(|c| *c != ':')
+            .collect::<String>()
+            .to_ascii_lowercase();
+        (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| format!("sha256:{hex}"))
+    }
+}
+
+/// Reads the verified client certificate once per connection, right after the handshake.
+struct ClientCertReader;
+
+#[async_trait::async_trait]
+impl pingora_core::listeners::TlsAccept for ClientCertReader {
+    async fn handshake_complete_callback(
+        &self,
+        tls: &pingora_core::protocols::tls::TlsRef,
+    ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        let cert = ClientCert::from_der(tls.peer_certificate_der()?)?;
+        Some(Arc::new(cert))
+    }
 }
 
 fn client_verifier(

@@ -38,6 +38,8 @@ pub struct ConsumerTable {
     pub consumers: Vec<Consumer>,
     pub api_keys: ApiKeys,
     pub hmac: HmacKeys,
+    /// Client certificates by `ClientCert::fingerprint_key` / `common_name_key`.
+    pub client_certs: HashMap<String, usize>,
     /// Issuers by their name in the file.
     pub issuers: HashMap<String, Arc<Issuer>>,
     members: HashMap<String, Members>,
@@ -162,6 +164,42 @@ impl ConsumerTable {
                             secret: h.secret.as_bytes().to_vec(),
                         },
                     );
+                }
+            }
+            for (i, c) in spec.client_certs.iter().enumerate() {
+                let cpath = error::index(&error::join(&path, "client_certs"), i);
+                let key = match (&c.common_name, &c.fingerprint) {
+                    (Some(cn), None) if !cn.is_empty() => {
+                        crate::tls::ClientCert::key_for_common_name(cn)
+                    }
+                    (None, Some(fp)) => match crate::tls::ClientCert::key_for_fingerprint(fp) {
+                        Some(k) => k,
+                        None => {
+                            errors.push(FieldError::new(
+                                error::join(&cpath, "fingerprint"),
+                                "expected a SHA-256 fingerprint: 64 hex digits, `:` separators allowed",
+                            ));
+                            continue;
+                        }
+                    },
+                    _ => {
+                        errors.push(FieldError::new(
+                            cpath,
+                            "set exactly one of `common_name` or `fingerprint`",
+                        ));
+                        continue;
+                    }
+                };
+                if let Some(&other) = table.client_certs.get(&key) {
+                    errors.push(FieldError::new(
+                        cpath,
+                        format!(
+                            "this certificate is also a credential of consumer `{}`",
+                            table.consumers[other].name
+                        ),
+                    ));
+                } else if spec.enabled {
+                    table.client_certs.insert(key, index);
                 }
             }
             for (i, m) in spec.jwt.iter().enumerate() {

@@ -21,6 +21,7 @@ pub mod jwt;
 pub mod key;
 pub mod nonce;
 
+use crate::tls::ClientCert;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -52,7 +53,7 @@ pub struct RoutePolicy {
     /// A JWT claim the route's quota counts by (`quota: { tenant: { claim: .. } }`).
     capture: Option<String>,
     /// Successes by method (jwt, hmac, key, anonymous), resolved once per snapshot.
-    ok: Option<[prometheus::IntCounter; 4]>,
+    ok: Option<[prometheus::IntCounter; 5]>,
     route: String,
 }
 
@@ -77,6 +78,7 @@ pub fn method_name(method: Option<AuthMethod>) -> &'static str {
         Some(AuthMethod::Jwt) => "jwt",
         Some(AuthMethod::Hmac) => "hmac",
         Some(AuthMethod::Key) => "key",
+        Some(AuthMethod::Cert) => "cert",
         None => "anonymous",
     }
 }
@@ -242,6 +244,7 @@ impl RoutePolicy {
             Some(AuthMethod::Jwt) | None => r#"Bearer realm="tollgate""#,
             Some(AuthMethod::Hmac) => r#"HMAC realm="tollgate", headers="X-Ca-Key X-Ca-Signature""#,
             Some(AuthMethod::Key) => r#"ApiKey realm="tollgate""#,
+            Some(AuthMethod::Cert) => r#"ClientCertificate realm="tollgate""#,
         };
         if !errors.is_empty() {
             return Err(errors);
@@ -273,7 +276,13 @@ impl RoutePolicy {
     /// Resolves this route's metric handles (at compile time, once the config is accepted).
     pub fn attach_metrics(&mut self, auth: &prometheus::IntCounterVec, route: &str) {
         let ok = |m: &str| auth.with_label_values(&[route, m, "ok"]);
-        self.ok = Some([ok("jwt"), ok("hmac"), ok("key"), ok("anonymous")]);
+        self.ok = Some([
+            ok("jwt"),
+            ok("hmac"),
+            ok("key"),
+            ok("anonymous"),
+            ok("cert"),
+        ]);
         self.route = route.to_string();
     }
 
@@ -290,6 +299,7 @@ impl RoutePolicy {
                     Some(AuthMethod::Hmac) => 1,
                     Some(AuthMethod::Key) => 2,
                     None => 3,
+                    Some(AuthMethod::Cert) => 4,
                 };
                 if let Some(ok) = &self.ok {
                     ok[i].inc();
@@ -352,6 +362,7 @@ impl RoutePolicy {
         &self,
         req: &RequestHeader,
         body: Option<&[u8]>,
+        client_cert: Option<&ClientCert>,
         table: &ConsumerTable,
         nonces: &NonceStore,
     ) -> Result<Identity, AuthFailure> {
@@ -361,6 +372,7 @@ impl RoutePolicy {
                 AuthMethod::Key => self.by_key(req, table),
                 AuthMethod::Jwt => self.by_jwt(req, table),
                 AuthMethod::Hmac => self.by_hmac(req, body, table, nonces),
+                AuthMethod::Cert => self.by_cert(client_cert, table),
             };
             if let Some(result) = attempt {
                 identity = Some(result?);
@@ -429,6 +441,34 @@ impl RoutePolicy {
                 claim: None,
             }),
             None => Err(self.unauthorized("key", "invalid_api_key", "the API key is not valid")),
+        })
+    }
+
+    /// The consumer of a verified client certificate: by fingerprint, then by common name.
+    fn by_cert(
+        &self,
+        cert: Option<&ClientCert>,
+        table: &ConsumerTable,
+    ) -> Option<Result<Identity, AuthFailure>> {
+        let cert = cert?;
+        let found = table
+            .client_certs
+            .get(&cert.fingerprint_key())
+            .or_else(|| table.client_certs.get(&cert.common_name_key()?));
+        Some(match found {
+            Some(&c) => Ok(Identity {
+                consumer: Some(c),
+                tenant: table.consumers[c].tenant.clone(),
+                method: Some(AuthMethod::Cert),
+                claim_headers: Vec::new(),
+                found_in: None,
+                claim: None,
+            }),
+            None => Err(self.unauthorized(
+                "cert",
+                "unknown_client_certificate",
+                "the client certificate belongs to no consumer",
+            )),
         })
     }
 
