@@ -12,6 +12,7 @@ use crate::router::HeaderEdits;
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1), besides the ones
 /// `Connection` names. `Upgrade` is handled separately: kept only on WebSocket handshakes.
+/// `TE: trailers` is kept (see [`strip_hop_by_hop_request`]).
 const HOP_BY_HOP: &[&str] = &["keep-alive", "proxy-connection", "te", "trailer"];
 
 pub const X_REQUEST_ID: &str = "x-request-id";
@@ -40,8 +41,19 @@ pub struct Client {
     pub proto: &'static str,
 }
 
-/// Removes hop-by-hop headers, including those listed in `Connection`.
+/// Removes hop-by-hop headers, including those listed in `Connection`. A `TE` that accepts
+/// `trailers` goes on as exactly `te: trailers`, the one value HTTP/2 allows: gRPC servers
+/// refuse requests without it (nginx's grpc_pass and Envoy pass it on the same way).
 fn strip_hop_by_hop_request(req: &mut RequestHeader, keep_upgrade: bool) {
+    let trailers = req.headers.get_all("te").iter().any(|v| {
+        v.as_bytes().split(|b| *b == b',').any(|t| {
+            t.split(|b| *b == b';')
+                .next()
+                .unwrap_or(t)
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"trailers")
+        })
+    });
     let listed: Vec<HeaderName> = req
         .headers
         .get_all(CONNECTION)
@@ -61,6 +73,9 @@ fn strip_hop_by_hop_request(req: &mut RequestHeader, keep_upgrade: bool) {
     req.remove_header(&CONNECTION);
     if !keep_upgrade {
         req.remove_header(&UPGRADE);
+    }
+    if trailers {
+        let _ = req.insert_header("te", "trailers");
     }
 }
 
@@ -192,7 +207,7 @@ mod tests {
             ("connection", "keep-alive, x-secret-hop"),
             ("x-secret-hop", "1"),
             ("keep-alive", "timeout=5"),
-            ("te", "trailers"),
+            ("te", "gzip"),
             ("x-forwarded-for", "10.1.1.1"),
         ]);
         let client = Client {
@@ -218,6 +233,33 @@ mod tests {
             "for=192.0.2.7;proto=http;host=api.test"
         );
         assert_eq!(r.headers["x-request-id"], "rid");
+    }
+
+    #[test]
+    fn te_trailers_is_the_one_te_that_goes_on() {
+        let client = Client {
+            ip: None,
+            proto: "https",
+        };
+        for (sent, kept) in [
+            ("trailers", Some("trailers")),
+            ("gzip, Trailers;q=1", Some("trailers")),
+            ("deflate", None),
+        ] {
+            let mut r = request(&[("host", "h"), ("te", sent), ("connection", "te")]);
+            let edits = HeaderEdits::default();
+            upstream_request(
+                &mut r,
+                client,
+                &HttpSettings::default(),
+                "id",
+                &edits,
+                false,
+            );
+            let te = r.headers.get("te").map(|v| v.to_str().unwrap());
+            assert_eq!(te, kept, "TE: {sent}");
+            assert!(!r.headers.contains_key("connection"));
+        }
     }
 
     #[test]
