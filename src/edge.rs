@@ -77,12 +77,13 @@ impl ServerApp for Edge {
         let mut redirects = false;
         if stream.get_ssl_digest().is_none() {
             let snap = self.gateway.current();
-            let local = stream
-                .get_socket_digest()
-                .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
-            let listener = local
-                .and_then(|a| crate::tls::listener_for(&snap.listeners, a))
-                .map(|i| &snap.listeners[i]);
+            let local = || {
+                stream
+                    .get_socket_digest()
+                    .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied())
+            };
+            let listener =
+                crate::tls::listener_for(&snap.listeners, local).map(|i| &snap.listeners[i]);
             if let Some(tls) = listener.and_then(|l| l.tls.as_ref()) {
                 stream = self.handshake(tls, stream).await?;
             } else {

@@ -279,10 +279,9 @@ impl ProxyHttp for Proxy {
         };
         session.set_read_timeout(Some(snap.http.client_body_timeout.get()));
         ctx.snap = Some(snap.clone());
-        ctx.listener = session
-            .server_addr()
-            .and_then(|a| a.as_inet())
-            .and_then(|a| crate::tls::listener_for(&snap.listeners, *a));
+        ctx.listener = crate::tls::listener_for(&snap.listeners, || {
+            session.server_addr().and_then(|a| a.as_inet()).copied()
+        });
         if let Some(redirect) = ctx
             .listener
             .and_then(|i| snap.listeners[i].redirect_https.as_ref())

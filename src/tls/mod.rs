@@ -104,11 +104,16 @@ impl ListenerPolicy {
 }
 
 /// The index of the listener a connection arrived on, by the connection's local address:
-/// the exact address, else a wildcard address (`0.0.0.0`, `[::]`) with the same port.
-pub fn listener_for(listeners: &[ListenerPolicy], local: SocketAddr) -> Option<usize> {
+/// the exact address, else a wildcard address (`0.0.0.0`, `[::]`) with the same port. The
+/// address is only asked for when there are several listeners (it may cost a syscall).
+pub fn listener_for(
+    listeners: &[ListenerPolicy],
+    local: impl FnOnce() -> Option<SocketAddr>,
+) -> Option<usize> {
     if listeners.len() == 1 {
         return Some(0);
     }
+    let local = local()?;
     let wildcard =
         |l: &ListenerPolicy| l.address.port() == local.port() && l.address.ip().is_unspecified();
     listeners
@@ -416,7 +421,7 @@ mod tests {
         let b = ListenerPolicy::plain("tls", "127.0.0.1:8443".parse().unwrap());
         let c = ListenerPolicy::plain("v6", "[::]:8443".parse().unwrap());
         let all = [a, b, c];
-        let find = |s: &str| listener_for(&all, s.parse().unwrap()).map(|i| all[i].name.as_str());
+        let find = |s: &str| listener_for(&all, || s.parse().ok()).map(|i| all[i].name.as_str());
         assert_eq!(find("127.0.0.1:8080"), Some("web"));
         assert_eq!(find("127.0.0.1:8443"), Some("tls"));
         assert_eq!(find("[::1]:8443"), Some("v6"));
