@@ -519,6 +519,30 @@ impl Gateway {
         }
     }
 
+    /// IP rules and bot detection for a request on route `index`: the refusal to answer, if
+    /// any, and what was found (`bot:sqlmap`, `ip:deny`) for the access log. Detect mode
+    /// finds without refusing. Counted per route, category, rule and action.
+    pub fn screen(
+        &self,
+        snap: &Snapshot,
+        index: usize,
+        client: Option<std::net::IpAddr>,
+        headers: &http::HeaderMap,
+    ) -> (Option<crate::respond::Reject>, Option<String>) {
+        let Some(s) = snap.screen(index, client, headers) else {
+            return (None, None);
+        };
+        let route = snap.router.routes()[index].name.as_str();
+        let action = if s.detect_only { "detected" } else { "blocked" };
+        self.metrics
+            .screened
+            .with_label_values(&[route, s.category, s.rule, action])
+            .inc();
+        let found = format!("{}:{}", s.category, s.rule);
+        let refusal = (!s.detect_only).then_some(crate::respond::Reject::Forbidden(s.code));
+        (refusal, Some(found))
+    }
+
     /// Flood protection for one request from `ip` on the route with `flood_id`: Some(refusal)
     /// when the IP is blocked. A new block is logged once and counted.
     pub fn flood_check(

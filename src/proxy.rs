@@ -64,6 +64,8 @@ pub struct Ctx {
     real_ip: Option<std::net::IpAddr>,
     /// Index into `snap.listeners` of the listener the request came in on.
     listener: Option<usize>,
+    /// What the IP rules or bot detection found (`bot:sqlmap`), blocked or only detected.
+    screened: Option<String>,
 }
 
 impl Ctx {
@@ -250,6 +252,7 @@ impl ProxyHttp for Proxy {
             quota_tenant: None,
             real_ip: None,
             listener: None,
+            screened: None,
         }
     }
 
@@ -315,6 +318,13 @@ impl ProxyHttp for Proxy {
             snap.client_ip
                 .client_ip(peer, &session.req_header().headers)
         });
+        let (refusal, screened) =
+            self.gateway
+                .screen(&snap, index, ctx.real_ip, &session.req_header().headers);
+        ctx.screened = screened;
+        if let Some(r) = refusal {
+            return self.reject(session, ctx, r).await;
+        }
         let flood_id = snap.bindings[index].flood_id;
         if let Some(r) = self.gateway.flood_check(&snap, ctx.real_ip, flood_id) {
             return self.reject(session, ctx, Reject::Quota(r)).await;
@@ -658,6 +668,7 @@ impl ProxyHttp for Proxy {
             },
             websocket: session.is_upgrade_req(),
             error,
+            screened: ctx.screened.as_deref(),
             consumer: ctx
                 .identity
                 .as_ref()

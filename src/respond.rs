@@ -21,6 +21,9 @@ pub enum Reject {
     Auth(AuthFailure),
     /// A tenant quota refused the request (see `policy::quota`).
     Quota(QuotaRefusal),
+    /// The IP rules or bot detection refused the request: `ip_denied`, `ip_not_allowed`,
+    /// `bot_blocked`.
+    Forbidden(&'static str),
 }
 
 /// A quota refusal: enough to write `Retry-After` and the rate-limit headers.
@@ -86,6 +89,7 @@ impl Reject {
             Reject::UpstreamTimeout => 504,
             Reject::Auth(a) => a.status,
             Reject::Quota(q) => q.status,
+            Reject::Forbidden(_) => 403,
         }
     }
 
@@ -103,6 +107,7 @@ impl Reject {
             Reject::Internal => "internal_error",
             Reject::Auth(a) => a.code,
             Reject::Quota(q) => q.code,
+            Reject::Forbidden(code) => code,
         }
     }
 
@@ -119,6 +124,11 @@ impl Reject {
             Reject::UpstreamTimeout => "the upstream did not answer in time",
             Reject::Internal => "internal gateway error",
             Reject::Auth(a) => a.message,
+            Reject::Forbidden(code) => match code {
+                "ip_denied" => "requests from this address are refused",
+                "ip_not_allowed" => "this address may not use this route",
+                _ => "automated clients of this kind are refused",
+            },
             Reject::Quota(q) => match q.code {
                 "rate_limited" => "the tenant's request rate quota is used up; retry later",
                 "concurrency_limited" => "the tenant has too many requests in flight",

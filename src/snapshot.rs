@@ -12,8 +12,10 @@ use std::sync::Arc;
 use crate::config::{error, Config, FieldError, HttpSettings};
 use crate::observe::{metrics::NO_ROUTE, Metrics, RouteMetrics};
 use crate::policy::auth::{ConsumerTable, IdentityHeaders, RoutePolicy};
+use crate::policy::bot::{BotDetector, BotMode};
 use crate::policy::client_ip::ClientIpPolicy;
 use crate::policy::flood::FloodPolicy;
+use crate::policy::ip_rules::{IpRules, IpVerdict};
 use crate::policy::quota::{QuotaPolicy, QuotaTable};
 use crate::router::{Action, Router};
 use crate::upstream::{Registry, SubsetId, Upstream};
@@ -37,6 +39,8 @@ pub struct Snapshot {
     /// Who the client is (trusted proxies) and the flood thresholds.
     pub client_ip: ClientIpPolicy,
     pub flood: FloodPolicy,
+    /// Bot detection (`bots:`); each route's mode is in its binding.
+    pub bots: BotDetector,
     /// Tenant quotas from quotas.yaml (empty without one).
     pub quotas: Arc<QuotaTable>,
     /// Files besides the main config this snapshot was read from (watched for changes).
@@ -59,9 +63,58 @@ pub struct Binding {
     /// A stable id of the route (a hash of its name) for per-route flood counting: blocks
     /// survive reloads that reorder routes.
     pub flood_id: u64,
+    /// The global IP lists merged with the route's.
+    pub ip_rules: IpRules,
+    /// `bots.mode`, or the route's own.
+    pub bot_mode: BotMode,
+}
+
+/// A request the IP rules or bot detection refuse (or, in `detect` mode, would refuse).
+#[derive(Debug, Clone, Copy)]
+pub struct Screened<'a> {
+    /// `ip_denied`, `ip_not_allowed` or `bot_blocked`.
+    pub code: &'static str,
+    /// `ip` or `bot`.
+    pub category: &'static str,
+    /// The bot rule (`sqlmap`, `deny[0]`, `empty`) or the IP list (`deny`, `allow`).
+    pub rule: &'a str,
+    /// `bots.mode: detect`: log and count, let it pass.
+    pub detect_only: bool,
 }
 
 impl Snapshot {
+    /// IP rules, then bots, for a request on route `index` (checked before flood protection
+    /// and authentication). None: nothing objects.
+    pub fn screen(
+        &self,
+        index: usize,
+        client: Option<std::net::IpAddr>,
+        headers: &http::HeaderMap,
+    ) -> Option<Screened<'_>> {
+        let b = &self.bindings[index];
+        if let Some(v) = client.and_then(|ip| b.ip_rules.check(ip)) {
+            return Some(Screened {
+                code: v.code(),
+                category: "ip",
+                rule: match v {
+                    IpVerdict::Denied => "deny",
+                    IpVerdict::NotAllowed => "allow",
+                },
+                detect_only: false,
+            });
+        }
+        if b.bot_mode == BotMode::Off {
+            return None;
+        }
+        let ua = headers.get(http::header::USER_AGENT).map(|v| v.as_bytes());
+        self.bots.check(ua).map(|hit| Screened {
+            code: "bot_blocked",
+            category: "bot",
+            rule: hit.rule,
+            detect_only: b.bot_mode == BotMode::Detect,
+        })
+    }
+
     pub fn upstream_of(&self, route_index: usize) -> Option<&Arc<Upstream>> {
         self.bindings[route_index]
             .upstream
@@ -193,10 +246,31 @@ pub fn compile(
     let flood = FloodPolicy::compile("flood", &cfg.flood)
         .map_err(|e| errors.extend(e))
         .ok();
+    let bots = BotDetector::compile("bots", &cfg.bots)
+        .map_err(|e| errors.extend(e))
+        .ok();
+    // The global lists' errors once; each route's merge then only adds its own.
+    if let Err(e) = IpRules::compile(&cfg.ip_rules, None) {
+        errors.extend(e);
+    }
+    let mut ip_rules: Vec<Option<IpRules>> = Vec::with_capacity(cfg.routes.len());
+    for (i, route) in cfg.routes.iter().enumerate() {
+        let path = error::index("routes", i);
+        let own = route.ip_rules.as_ref().map(|r| (path.as_str(), r));
+        ip_rules.push(
+            IpRules::compile(&cfg.ip_rules, own)
+                .map_err(|e| errors.extend(e.into_iter().filter(|e| e.path.starts_with("routes"))))
+                .ok(),
+        );
+    }
 
     match (router, consumers, identity_headers, quotas) {
         (Some(router), Some(consumers), Some(identity_headers), Some(mut quotas))
-            if errors.is_empty() && !refused && client_ip.is_some() && flood.is_some() =>
+            if errors.is_empty()
+                && !refused
+                && client_ip.is_some()
+                && flood.is_some()
+                && bots.is_some() =>
         {
             quotas.attach_metrics(&metrics.quota);
             Ok(Snapshot {
@@ -219,6 +293,8 @@ pub fn compile(
                         }),
                         quota: quota_policies[route.index].take(),
                         flood_id: route_id(&route.name),
+                        ip_rules: ip_rules[route.index].take().unwrap_or_default(),
+                        bot_mode: cfg.routes[route.index].bots.unwrap_or(cfg.bots.mode),
                     })
                     .collect(),
                 router,
@@ -231,6 +307,7 @@ pub fn compile(
                 quotas: Arc::new(quotas),
                 client_ip: client_ip.unwrap_or_default(),
                 flood: flood.unwrap_or_default(),
+                bots: bots.expect("checked above"),
                 files: Vec::new(),
                 listeners: Vec::new(),
             })

@@ -209,6 +209,10 @@ pub async fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Pla
     let real_ip = client
         .ip
         .map(|peer| snap.client_ip.client_ip(peer, &request.headers));
+    // Inspected before the upgrade: a refused handshake never reaches the upstream.
+    if let (Some(r), _) = gateway.screen(&snap, route.index, real_ip, &request.headers) {
+        return Plan::Reject(r, rid);
+    }
     if let Some(r) = gateway.flood_check(&snap, real_ip, binding.flood_id) {
         return Plan::Reject(Reject::Quota(r), rid);
     }
@@ -413,6 +417,7 @@ pub async fn run(
         upstream_ms: outcome.upstream_ms,
         websocket: true,
         error: outcome.error,
+        screened: None,
         consumer: plan.consumer.as_deref(),
         tenant: plan.tenant.as_deref(),
     });

@@ -41,6 +41,8 @@ const SECTIONS: &[&str] = &[
     "auth",
     "client_ip",
     "flood",
+    "ip_rules",
+    "bots",
     "upstreams",
     "routes",
 ];
@@ -212,6 +214,8 @@ fn parse(text: &str, errors: &mut Vec<Located>) -> Config {
             "auth" => section(name, value, &mut config.auth, errors),
             "client_ip" => section(name, value, &mut config.client_ip, errors),
             "flood" => section(name, value, &mut config.flood, errors),
+            "ip_rules" => section(name, value, &mut config.ip_rules, errors),
+            "bots" => section(name, value, &mut config.bots, errors),
             "upstreams" => (config.upstreams, config.broken_upstreams) = upstreams(value, errors),
             "routes" => config.routes = routes(value, errors),
             other => errors.push(Located::Key(FieldError::new(
@@ -341,6 +345,8 @@ fn placeholder_route(i: usize) -> Route {
         max_body: None,
         auth: None,
         quota: None,
+        ip_rules: None,
+        bots: None,
     }
 }
 

@@ -72,6 +72,10 @@ pub struct Config {
     pub client_ip: crate::policy::client_ip::ClientIpSettings,
     /// Flood (CC) protection per client IP.
     pub flood: crate::policy::flood::FloodSettings,
+    /// IP allow and deny lists for every route.
+    pub ip_rules: crate::policy::ip_rules::IpRulesSettings,
+    /// Bot detection by User-Agent.
+    pub bots: crate::policy::bot::BotSettings,
     /// Upstreams in name order (the map is ordered so output and errors are stable).
     pub upstreams: BTreeMap<String, Upstream>,
     /// Routes in declared order; declared order is the last tie-breaker of routing precedence.
@@ -773,6 +777,13 @@ pub struct Route {
     /// The tenant quota this route spends (see `config::quota`). None: no quota.
     #[serde(default)]
     pub quota: Option<super::quota::RouteQuota>,
+    /// IP lists of this route, on top of the global `ip_rules` (its `allow` replaces the
+    /// global one).
+    #[serde(default)]
+    pub ip_rules: Option<crate::policy::ip_rules::IpRulesSettings>,
+    /// The `bots.mode` of this route (`block`, `detect`, `off`).
+    #[serde(default)]
+    pub bots: Option<crate::policy::bot::BotMode>,
 }
 
 /// All conditions must hold. An empty match matches every request.

@@ -33,6 +33,9 @@ pub struct AccessRecord<'a> {
     pub websocket: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'a str>,
+    /// What IP rules or bot detection found (`bot:sqlmap`, `ip:deny`), blocked or detected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub screened: Option<&'a str>,
     /// The authenticated consumer and its tenant, on routes with `auth`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub consumer: Option<&'a str>,

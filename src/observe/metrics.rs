@@ -40,6 +40,8 @@ pub struct Metrics {
     pub flood_blocks: IntCounter,
     /// Blocks in force (refreshed at scrape).
     pub flood_blocked_ips: IntGauge,
+    /// Requests the IP rules or bot detection refused (or would have, in detect mode).
+    pub screened: IntCounterVec,
     /// TLS handshakes by result, resolved once (a handshake only increments).
     pub tls_handshakes: TlsHandshakes,
     /// notAfter of each served certificate (Unix seconds), by listener, file and first name.
@@ -207,8 +209,17 @@ impl Metrics {
             &["listener", "file", "name"],
         )
         .expect("valid metric");
+        let screened = IntCounterVec::new(
+            Opts::new(
+                "tollgate_screened_total",
+                "Requests refused by IP rules or bot detection, by route, category (ip, bot), rule and action (blocked, detected)",
+            ),
+            &["route", "category", "rule", "action"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(draining.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(screened.clone()),
             Box::new(tls_handshakes_vec.clone()),
             Box::new(tls_cert_not_after.clone()),
             Box::new(flood_refused.clone()),
@@ -254,6 +265,7 @@ impl Metrics {
             flood_refused,
             flood_blocks,
             flood_blocked_ips,
+            screened,
             tls_handshakes,
             tls_cert_not_after,
         }

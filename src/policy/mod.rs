@@ -2,6 +2,8 @@
 //! client IP, authentication, then tenant quotas; the WAF joins here.
 
 pub mod auth;
+pub mod bot;
 pub mod client_ip;
 pub mod flood;
+pub mod ip_rules;
 pub mod quota;
