@@ -103,8 +103,12 @@ fn replace(path: &str, text: &str) {
 // A blocking rustls client.
 
 /// Accepts any server certificate: for tests that look at *which* certificate was served.
+/// With `ecdsa_only` it offers only ECDSA signature schemes, so a server with RSA and ECDSA
+/// certificates for one name must pick the ECDSA one.
 #[derive(Debug)]
-struct AcceptAny;
+struct AcceptAny {
+    ecdsa_only: bool,
+}
 
 impl rustls::client::danger::ServerCertVerifier for AcceptAny {
     fn verify_server_cert(
@@ -144,6 +148,12 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
         )
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        if self.ecdsa_only {
+            return vec![
+                rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
+                rustls::SignatureScheme::ECDSA_NISTP384_SHA384,
+            ];
+        }
         provider()
             .signature_verification_algorithms
             .supported_schemes()
@@ -206,11 +216,9 @@ fn tls_connect(addr: SocketAddr, sni: &str, o: &ClientOpts) -> Result<TlsConn, S
             builder.with_root_certificates(roots).with_no_client_auth()
         }
         None => {
-            let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> = if o.ecdsa_only {
-                Arc::new(EcdsaOnly)
-            } else {
-                Arc::new(AcceptAny)
-            };
+            let verifier = Arc::new(AcceptAny {
+                ecdsa_only: o.ecdsa_only,
+            });
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(verifier)
@@ -232,45 +240,6 @@ fn tls_connect(addr: SocketAddr, sni: &str, o: &ClientOpts) -> Result<TlsConn, S
             .map_err(|e| format!("handshake: {e}"))?;
     }
     Ok(tls)
-}
-
-/// Accepts anything but offers only ECDSA signature schemes.
-#[derive(Debug)]
-struct EcdsaOnly;
-
-impl rustls::client::danger::ServerCertVerifier for EcdsaOnly {
-    fn verify_server_cert(
-        &self,
-        e: &CertificateDer<'_>,
-        i: &[CertificateDer<'_>],
-        s: &ServerName<'_>,
-        o: &[u8],
-        n: UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        AcceptAny.verify_server_cert(e, i, s, o, n)
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        AcceptAny.verify_tls12_signature(m, c, d)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        AcceptAny.verify_tls13_signature(m, c, d)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        vec![
-            rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
-            rustls::SignatureScheme::ECDSA_NISTP384_SHA384,
-        ]
-    }
 }
 
 /// The subject CN of the certificate the server sent.
