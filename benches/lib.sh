@@ -1,0 +1,61 @@
+# Shell helpers shared by the benchmark scripts (sourced, not run): process stop and wait,
+# free ports, readiness, CPU ticks. They expect the sourcing script to define `die`, `TMP` and
+# the `PIDS` array.
+
+# Waits (bounded) for a process we started to exit, then kills it.
+stop_wait() {
+    local p=$1 i
+    for ((i = 0; i < 50; i++)); do kill -0 "$p" 2>/dev/null || return 0; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+}
+stop() { # pid [signal]
+    kill "-${2:-INT}" "$1" 2>/dev/null || true
+    stop_wait "$1"
+    local keep=() p
+    for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+# free_port VAR: sets VAR to a free TCP port below the ephemeral range. Not $(free_port): the
+# subshell would lose NEXT_PORT and hand out the same port twice.
+NEXT_PORT=$((20000 + RANDOM % 8000))
+free_port() {
+    local p
+    for ((p = NEXT_PORT; p < NEXT_PORT + 500; p++)); do
+        if [[ -z $(ss -Htan "sport = :$p") ]]; then NEXT_PORT=$((p + 1)); printf -v "$1" '%s' "$p"; return; fi
+    done
+    die "no free port near $NEXT_PORT"
+}
+
+wait_port() { # port what pid: waits until that very process listens on the port
+    local i
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$3" 2>/dev/null || die "$2 exited at start; log: $(tail -5 "$TMP/$2.log" 2>/dev/null)"
+        [[ $(ss -Htlnp "sport = :$1") == *"pid=$3,"* ]] && return 0
+        sleep 0.1
+    done
+    die "$2 (pid $3) did not listen on $1 within 10s; log: $(tail -5 "$TMP/$2.log" 2>/dev/null)"
+}
+
+# utime+stime (clock ticks) of a process and its children's threads: nginx master + workers,
+# or every thread of tollgate (the per-process stat line already sums its threads).
+cpu_ticks() {
+    local total=0 p s
+    for p in "$@"; do
+        s=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+        s=${s##*) }            # drop "pid (comm) "
+        read -r -a f <<<"$s"   # f[0] is field 3 (state): utime is field 14 -> f[11]
+        total=$((total + f[11] + f[12]))
+    done
+    echo "$total"
+}
+children() { pgrep -P "$1" || true; }
+
+# Sets STARTED to the new pid (not $(...): the pid must be tracked by the sourcing shell).
+start_nginx() { # name conf core port; needs NGINX
+    taskset -c "$3" "$NGINX" -e "$TMP/$1/error.log" -c "$2" >"$TMP/$1.log" 2>&1 &
+    STARTED=$!
+    PIDS+=("$STARTED")
+    wait_port "$4" "$1" "$STARTED"
+}
