@@ -66,6 +66,16 @@ struct ReloadState {
     last_reload: Option<SystemTime>,
 }
 
+/// What [`Gateway::screen`] decided about a request.
+#[derive(Debug, Default)]
+pub struct Screening {
+    pub refusal: Option<crate::respond::Reject>,
+    /// For the access log: `bot:sqlmap`, `ip:deny`, `rule:a,rule:b`.
+    pub found: Option<String>,
+    /// `X-Tollgate-Tags` for the upstream.
+    pub tags: Option<String>,
+}
+
 /// What `/status` reports.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Status {
@@ -519,28 +529,56 @@ impl Gateway {
         }
     }
 
-    /// IP rules and bot detection for a request on route `index`: the refusal to answer, if
-    /// any, and what was found (`bot:sqlmap`, `ip:deny`) for the access log. Detect mode
-    /// finds without refusing. Counted per route, category, rule and action.
+    /// IP rules, bot detection and custom rules for a request on route `index`: the refusal
+    /// to answer, if any, what was found for the access log (`bot:sqlmap`, `ip:deny`,
+    /// `rule:ID`), and the tags for the upstream. Detect mode and `log` rules find without
+    /// refusing. Counted per route, category, rule and action. Allocates only on a finding.
     pub fn screen(
         &self,
         snap: &Snapshot,
         index: usize,
         client: Option<std::net::IpAddr>,
-        headers: &http::HeaderMap,
-    ) -> (Option<crate::respond::Reject>, Option<String>) {
-        let Some(s) = snap.screen(index, client, headers) else {
-            return (None, None);
-        };
+        req: &pingora_http::RequestHeader,
+    ) -> Screening {
         let route = snap.router.routes()[index].name.as_str();
-        let action = if s.detect_only { "detected" } else { "blocked" };
-        self.metrics
-            .screened
-            .with_label_values(&[route, s.category, s.rule, action])
-            .inc();
-        let found = format!("{}:{}", s.category, s.rule);
-        let refusal = (!s.detect_only).then_some(crate::respond::Reject::Forbidden(s.code));
-        (refusal, Some(found))
+        let count = |category: &str, rule: &str, action: &str| {
+            self.metrics
+                .screened
+                .with_label_values(&[route, category, rule, action])
+                .inc()
+        };
+        let mut out = Screening::default();
+        if let Some(s) = snap.screen(index, client, &req.headers) {
+            count(
+                s.category,
+                s.rule,
+                if s.detect_only { "detected" } else { "blocked" },
+            );
+            out.found = Some(format!("{}:{}", s.category, s.rule));
+            if !s.detect_only {
+                out.refusal = Some(crate::respond::Reject::Forbidden(s.code));
+                return out;
+            }
+        }
+        let head = crate::router::RequestHead::from_parts(req);
+        let verdict = snap.evaluate_rules(index, &head, client);
+        let mut found: Vec<String> = out.found.take().into_iter().collect();
+        for id in &verdict.matched {
+            count("rule", id, "matched");
+            found.push(format!("rule:{id}"));
+        }
+        if let Some(id) = verdict.blocked_by {
+            count("rule", id, "blocked");
+            found.push(format!("rule:{id}"));
+            out.refusal = Some(crate::respond::Reject::Forbidden("blocked_by_rule"));
+        }
+        if !found.is_empty() {
+            out.found = Some(found.join(","));
+        }
+        if !verdict.tags.is_empty() {
+            out.tags = Some(verdict.tags.join(", "));
+        }
+        out
     }
 
     /// Flood protection for one request from `ip` on the route with `flood_id`: Some(refusal)

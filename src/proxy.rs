@@ -318,12 +318,17 @@ impl ProxyHttp for Proxy {
             snap.client_ip
                 .client_ip(peer, &session.req_header().headers)
         });
-        let (refusal, screened) =
-            self.gateway
-                .screen(&snap, index, ctx.real_ip, &session.req_header().headers);
-        ctx.screened = screened;
-        if let Some(r) = refusal {
+        let screening = self
+            .gateway
+            .screen(&snap, index, ctx.real_ip, session.req_header());
+        ctx.screened = screening.found;
+        if let Some(r) = screening.refusal {
             return self.reject(session, ctx, r).await;
+        }
+        if let Some(tags) = screening.tags {
+            session
+                .req_header_mut()
+                .insert_header(crate::policy::rules::TAGS_HEADER, tags)?;
         }
         let flood_id = snap.bindings[index].flood_id;
         if let Some(r) = self.gateway.flood_check(&snap, ctx.real_ip, flood_id) {

@@ -127,6 +127,7 @@ impl Reject {
             Reject::Forbidden(code) => match code {
                 "ip_denied" => "requests from this address are refused",
                 "ip_not_allowed" => "this address may not use this route",
+                "blocked_by_rule" => "the request was refused by a gateway rule",
                 _ => "automated clients of this kind are refused",
             },
             Reject::Quota(q) => match q.code {

@@ -17,6 +17,7 @@ use crate::policy::client_ip::ClientIpPolicy;
 use crate::policy::flood::FloodPolicy;
 use crate::policy::ip_rules::{IpRules, IpVerdict};
 use crate::policy::quota::{QuotaPolicy, QuotaTable};
+use crate::policy::rules::CustomRules;
 use crate::router::{Action, Router};
 use crate::upstream::{Registry, SubsetId, Upstream};
 
@@ -41,6 +42,8 @@ pub struct Snapshot {
     pub flood: FloodPolicy,
     /// Bot detection (`bots:`); each route's mode is in its binding.
     pub bots: BotDetector,
+    /// Custom rules (`rules:`).
+    pub rules: CustomRules,
     /// Tenant quotas from quotas.yaml (empty without one).
     pub quotas: Arc<QuotaTable>,
     /// Files besides the main config this snapshot was read from (watched for changes).
@@ -67,6 +70,8 @@ pub struct Binding {
     pub ip_rules: IpRules,
     /// `bots.mode`, or the route's own.
     pub bot_mode: BotMode,
+    /// The custom rules apply (`routes[].rules`).
+    pub rules: bool,
 }
 
 /// A request the IP rules or bot detection refuse (or, in `detect` mode, would refuse).
@@ -113,6 +118,19 @@ impl Snapshot {
             rule: hit.rule,
             detect_only: b.bot_mode == BotMode::Detect,
         })
+    }
+
+    /// The custom rules' verdict for a request on route `index` (after [`Self::screen`]).
+    pub fn evaluate_rules(
+        &self,
+        index: usize,
+        req: &crate::router::RequestHead<'_>,
+        client: Option<std::net::IpAddr>,
+    ) -> crate::policy::rules::Verdict<'_> {
+        if !self.bindings[index].rules || self.rules.is_empty() {
+            return crate::policy::rules::Verdict::default();
+        }
+        self.rules.evaluate(req, client)
     }
 
     pub fn upstream_of(&self, route_index: usize) -> Option<&Arc<Upstream>> {
@@ -249,6 +267,9 @@ pub fn compile(
     let bots = BotDetector::compile("bots", &cfg.bots)
         .map_err(|e| errors.extend(e))
         .ok();
+    let rules = CustomRules::compile(&cfg.rules)
+        .map_err(|e| errors.extend(e))
+        .ok();
     // The global lists' errors once; each route's merge then only adds its own.
     if let Err(e) = IpRules::compile(&cfg.ip_rules, None) {
         errors.extend(e);
@@ -270,7 +291,8 @@ pub fn compile(
                 && !refused
                 && client_ip.is_some()
                 && flood.is_some()
-                && bots.is_some() =>
+                && bots.is_some()
+                && rules.is_some() =>
         {
             quotas.attach_metrics(&metrics.quota);
             Ok(Snapshot {
@@ -295,6 +317,7 @@ pub fn compile(
                         flood_id: route_id(&route.name),
                         ip_rules: ip_rules[route.index].take().unwrap_or_default(),
                         bot_mode: cfg.routes[route.index].bots.unwrap_or(cfg.bots.mode),
+                        rules: cfg.routes[route.index].rules,
                     })
                     .collect(),
                 router,
@@ -308,6 +331,7 @@ pub fn compile(
                 client_ip: client_ip.unwrap_or_default(),
                 flood: flood.unwrap_or_default(),
                 bots: bots.expect("checked above"),
+                rules: rules.expect("checked above"),
                 files: Vec::new(),
                 listeners: Vec::new(),
             })

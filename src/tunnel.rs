@@ -210,9 +210,11 @@ pub async fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Pla
         .ip
         .map(|peer| snap.client_ip.client_ip(peer, &request.headers));
     // Inspected before the upgrade: a refused handshake never reaches the upstream.
-    if let (Some(r), _) = gateway.screen(&snap, route.index, real_ip, &request.headers) {
+    let screening = gateway.screen(&snap, route.index, real_ip, &request);
+    if let Some(r) = screening.refusal {
         return Plan::Reject(r, rid);
     }
+
     if let Some(r) = gateway.flood_check(&snap, real_ip, binding.flood_id) {
         return Plan::Reject(Reject::Quota(r), rid);
     }
@@ -258,6 +260,9 @@ pub async fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Pla
     let hash = upstream.hash_key(&request, client.ip);
     let host = head_view.host.unwrap_or("").to_string();
     let path = request.uri.path().to_string();
+    if let Some(tags) = screening.tags {
+        let _ = request.insert_header(crate::policy::rules::TAGS_HEADER, tags);
+    }
     let (mut consumer, mut tenant) = (None, None);
     if let (Some(policy), Some(identity)) = (&binding.auth, &identity) {
         policy.apply(

@@ -24,13 +24,19 @@ fn body(app: &HttpBackend, ws: &WsEchoServer, deny: &str) -> String {
         r#"client_ip: {{ trusted_proxies: [ 127.0.0.0/8 ] }}
 ip_rules: {{ deny: [ {deny} ] }}
 bots: {{ deny: [ "^evil-crawler" ], allow: [ "^sqlmap-but-ours" ] }}
+rules:
+  - {{ id: admin-delete, match: {{ path_prefix: /admin, methods: [DELETE] }}, action: block }}
+  - {{ id: shellshock, match: {{ headers: {{ user-agent: {{ contains: "() {{" }} }} }}, action: block }}
+  - {{ id: partner-tag, match: {{ path_prefix: /tagged }}, action: tag, tag: partner }}
+  - {{ id: debug-log, match: {{ query: {{ debug: {{ present: true }} }} }}, action: log }}
+  - {{ id: inside-only, match: {{ path_prefix: /internal }}, client_ip: {{ not_in: [ 10.0.0.0/8 ] }}, action: block }}
 upstreams:
   app: {{ backends: [ {{ address: "{}" }} ] }}
   ws: {{ backends: [ {{ address: "{}" }} ] }}
 routes:
   - {{ name: admin, match: {{ path_prefix: /admin }}, upstream: app, ip_rules: {{ allow: [ 10.9.0.0/16, "2001:db8::/32" ] }} }}
   - {{ name: watch, match: {{ path_prefix: /watch }}, upstream: app, bots: detect }}
-  - {{ name: open, match: {{ path_prefix: /open }}, upstream: app, bots: off }}
+  - {{ name: open, match: {{ path_prefix: /open }}, upstream: app, bots: off, rules: false }}
   - {{ name: chat, match: {{ path_prefix: /ws }}, upstream: ws, websocket: {{ enabled: true }} }}
   - {{ name: all, upstream: app }}
 "#,
@@ -140,6 +146,41 @@ fn ip_lists_and_bots_are_refused_before_the_upstream_and_change_by_reload() {
         assert_eq!(m.into_text().unwrap().as_str(), "hi");
     });
 
+    // Custom rules: block, log and tag; a route can opt out.
+    let mut delete = from("10.9.1.1", "/admin/users/7", BROWSER);
+    delete.method = "DELETE".into();
+    let before = app.hits();
+    let r = gw.send(&delete);
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.json()["error"], "blocked_by_rule");
+    assert_eq!(app.hits(), before);
+    let line = gw
+        .wait_access_log(r.header("x-request-id").unwrap(), Duration::from_secs(5))
+        .expect("logged");
+    assert_eq!(line["screened"], "rule:admin-delete");
+    refused(
+        "198.51.100.7",
+        "/x",
+        "() { :; }; /bin/cat /etc/passwd",
+        "blocked_by_rule",
+    );
+    ok("198.51.100.7", "/open/x", "() { :; }; /bin/cat /etc/passwd");
+    refused("198.51.100.7", "/internal/x", BROWSER, "blocked_by_rule");
+    ok("10.1.1.1", "/internal/x", BROWSER);
+    let r = gw.send(&from("198.51.100.7", "/tagged/x", BROWSER).header("x-tollgate-tags", "vip"));
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.echo().header_values("x-tollgate-tags"),
+        ["partner"],
+        "the client's own tags are dropped"
+    );
+    let r = gw.send(&from("198.51.100.7", "/x?debug=1", BROWSER));
+    assert_eq!(r.status, 200);
+    let line = gw
+        .wait_access_log(r.header("x-request-id").unwrap(), Duration::from_secs(5))
+        .expect("logged");
+    assert_eq!(line["screened"], "rule:debug-log");
+
     let m = gw.metrics_text();
     for (selector, at_least) in [
         (
@@ -160,6 +201,14 @@ fn ip_lists_and_bots_are_refused_before_the_upstream_and_change_by_reload() {
         ),
         (
             r#"tollgate_screened_total{action="blocked",category="bot",route="chat",rule="sqlmap"}"#,
+            1.0,
+        ),
+        (
+            r#"tollgate_screened_total{action="blocked",category="rule",route="admin",rule="admin-delete"}"#,
+            1.0,
+        ),
+        (
+            r#"tollgate_screened_total{action="matched",category="rule",route="all",rule="debug-log"}"#,
             1.0,
         ),
     ] {

@@ -43,6 +43,7 @@ const SECTIONS: &[&str] = &[
     "flood",
     "ip_rules",
     "bots",
+    "rules",
     "upstreams",
     "routes",
 ];
@@ -216,6 +217,7 @@ fn parse(text: &str, errors: &mut Vec<Located>) -> Config {
             "flood" => section(name, value, &mut config.flood, errors),
             "ip_rules" => section(name, value, &mut config.ip_rules, errors),
             "bots" => section(name, value, &mut config.bots, errors),
+            "rules" => section(name, value, &mut config.rules, errors),
             "upstreams" => (config.upstreams, config.broken_upstreams) = upstreams(value, errors),
             "routes" => config.routes = routes(value, errors),
             other => errors.push(Located::Key(FieldError::new(
@@ -347,6 +349,7 @@ fn placeholder_route(i: usize) -> Route {
         quota: None,
         ip_rules: None,
         bots: None,
+        rules: true,
     }
 }
 

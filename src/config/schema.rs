@@ -76,6 +76,8 @@ pub struct Config {
     pub ip_rules: crate::policy::ip_rules::IpRulesSettings,
     /// Bot detection by User-Agent.
     pub bots: crate::policy::bot::BotSettings,
+    /// Custom rules: conditions on requests with block / log / tag actions.
+    pub rules: Vec<crate::policy::rules::RuleSpec>,
     /// Upstreams in name order (the map is ordered so output and errors are stable).
     pub upstreams: BTreeMap<String, Upstream>,
     /// Routes in declared order; declared order is the last tie-breaker of routing precedence.
@@ -784,6 +786,9 @@ pub struct Route {
     /// The `bots.mode` of this route (`block`, `detect`, `off`).
     #[serde(default)]
     pub bots: Option<crate::policy::bot::BotMode>,
+    /// `false`: the custom `rules:` do not apply to this route.
+    #[serde(default = "default_true")]
+    pub rules: bool,
 }
 
 /// All conditions must hold. An empty match matches every request.
@@ -811,7 +816,7 @@ pub struct RouteMatch {
 }
 
 /// How one header, query parameter or cookie is matched: a plain string is an exact match,
-/// otherwise exactly one of `exact`, `prefix`, `regex`, `present`.
+/// otherwise exactly one of `exact`, `prefix`, `contains`, `regex`, `present`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum ValueMatch {
@@ -828,6 +833,9 @@ pub struct ValueMatchSpec {
     pub prefix: Option<String>,
     #[serde(default)]
     pub regex: Option<String>,
+    /// The value contains this text (case-sensitive).
+    #[serde(default)]
+    pub contains: Option<String>,
     /// `true`: must be present (any value); `false`: must be absent.
     #[serde(default)]
     pub present: Option<bool>,

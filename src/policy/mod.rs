@@ -7,3 +7,4 @@ pub mod client_ip;
 pub mod flood;
 pub mod ip_rules;
 pub mod quota;
+pub mod rules;

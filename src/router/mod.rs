@@ -33,6 +33,7 @@
 
 mod hash;
 mod host;
+mod matcher;
 mod path;
 mod predicate;
 mod rewrite;
@@ -49,6 +50,7 @@ use host::HostIndex;
 use path::{PathTable, PathTableBuilder};
 use predicate::Conditions;
 
+pub use matcher::RequestMatcher;
 pub use rewrite::{LocationTemplate, PathRewrite};
 pub use route::{Action, HeaderEdits, Route};
 pub use split::Split;

@@ -34,15 +34,22 @@ impl ValueMatcher {
         let set = [
             spec.exact.is_some(),
             spec.prefix.is_some(),
+            spec.contains.is_some(),
             spec.regex.is_some(),
             spec.present.is_some(),
         ];
         if set.iter().filter(|&&b| b).count() != 1 {
             errors.push(FieldError::new(
                 at,
-                "expected exactly one of exact, prefix, regex, present",
+                "expected exactly one of exact, prefix, contains, regex, present",
             ));
             return None;
+        }
+        if let Some(s) = &spec.contains {
+            // A literal regex: the regex crate's substring search (memchr) does the work.
+            return Some(Self::Regex(
+                Regex::new(&regex::escape(s)).expect("an escaped literal compiles"),
+            ));
         }
         if let Some(s) = &spec.exact {
             return Some(Self::Exact(s.as_bytes().into()));

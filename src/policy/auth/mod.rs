@@ -107,6 +107,8 @@ impl IdentityHeaders {
         let consumer = name("auth.consumer_header".into(), &settings.consumer_header);
         let tenant = name("auth.tenant_header".into(), &settings.tenant_header);
         let mut all: Vec<HeaderName> = consumer.iter().chain(tenant.iter()).cloned().collect();
+        // Custom rules' tags are the gateway's word too.
+        all.push(HeaderName::from_static(crate::policy::rules::TAGS_HEADER));
         for (i, r) in routes.iter().enumerate() {
             let Some(a) = &r.auth else { continue };
             for (claim, header) in &a.claims_to_headers {
