@@ -715,11 +715,11 @@ impl ConfigWatcher {
     }
 
     /// Stamps of the config file and of every file the serving snapshot was read from.
-    fn stamps(&self) -> Vec<Option<FileStamp>> {
+    fn stamps(&self) -> Vec<(PathBuf, Option<FileStamp>)> {
         let snap = self.gateway.current();
         std::iter::once(self.gateway.config_path())
             .chain(snap.files.iter().map(PathBuf::as_path))
-            .map(stamp)
+            .map(|p| (p.to_path_buf(), stamp(p)))
             .collect()
     }
 
@@ -768,15 +768,19 @@ impl BackgroundService for ConfigWatcher {
                         continue;
                     }
                     let now = self.stamps();
-                    if now[0].is_some() && now != last {
+                    if now[0].1.is_some() && now != last {
                         // Let a writer finish: reload once the files have been still for a moment.
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         if self.stamps() != now {
                             continue;
                         }
                         self.reload("file changed").await;
-                        // The reload may have changed which files are included.
-                        last = self.stamps();
+                        // Compare the next round with what this reload read, so a file written
+                        // while it ran is seen; unless the reload changed which files are
+                        // included, then with the new set.
+                        let after = self.stamps();
+                        let same_files = after.iter().map(|(p, _)| p).eq(now.iter().map(|(p, _)| p));
+                        last = if same_files { now } else { after };
                     }
                 }
             }
