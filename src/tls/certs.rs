@@ -213,3 +213,101 @@ pub fn read_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
     }
     Ok(roots)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate for `names` (CN `cn`) written to `dir`; returns (cert, key).
+    fn write_cert(dir: &Path, cn: &str, names: &[&str]) -> (String, String) {
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (c, k) = (dir.join(format!("{cn}.pem")), dir.join(format!("{cn}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c.display().to_string(), k.display().to_string())
+    }
+
+    fn provider() -> CryptoProvider {
+        rustls::crypto::ring::default_provider()
+    }
+
+    #[test]
+    fn names_come_from_the_certificate_and_ocsp_is_stapled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = write_cert(dir.path(), "site", &["Shop.Example.COM", "*.example.com."]);
+        let ocsp = dir.path().join("site.ocsp");
+        std::fs::write(&ocsp, b"\x30\x03\x0a\x01\x00").unwrap();
+        let loaded = load(&cert, &key, Some(&ocsp.display().to_string()), &provider()).unwrap();
+        assert_eq!(loaded.names, ["shop.example.com", "*.example.com"]);
+        assert_eq!(
+            loaded.key.ocsp.as_deref(),
+            Some(&b"\x30\x03\x0a\x01\x00"[..])
+        );
+
+        // No subjectAltName: the CN names it.
+        let (cert, key) = write_cert(dir.path(), "legacy.example.org", &[]);
+        let loaded = load(&cert, &key, None, &provider()).unwrap();
+        assert_eq!(loaded.names, ["legacy.example.org"]);
+    }
+
+    #[test]
+    fn broken_files_say_which_and_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = write_cert(dir.path(), "a", &["a.test"]);
+        let (_, other_key) = write_cert(dir.path(), "b", &["b.test"]);
+        let err = |c: &str, k: &str, o: Option<&str>| load(c, k, o, &provider()).unwrap_err();
+        let e = err(&cert, &other_key, None);
+        assert!(
+            e.contains("does not belong") && e.contains(&other_key),
+            "{e}"
+        );
+        let e = err(&key, &key, None);
+        assert!(
+            e.contains("no `BEGIN CERTIFICATE`") && e.contains(&key),
+            "{e}"
+        );
+        let e = err(&cert, &cert, None);
+        assert!(e.contains("no private key found"), "{e}");
+        let missing = dir.path().join("missing.pem").display().to_string();
+        let e = err(&missing, &key, None);
+        assert!(e.contains("cannot read") && e.contains(&missing), "{e}");
+        let empty = dir.path().join("empty.ocsp");
+        std::fs::write(&empty, b"").unwrap();
+        let e = err(&cert, &key, Some(&empty.display().to_string()));
+        assert!(e.contains("is empty"), "{e}");
+        // Key material never appears in an error.
+        let pem = std::fs::read_to_string(&other_key).unwrap();
+        let body = pem.lines().nth(1).unwrap();
+        assert!(!err(&cert, &other_key, None).contains(body));
+    }
+
+    #[test]
+    fn sni_exact_then_one_label_wildcard_then_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = provider();
+        let mk = |cn: &str, names: &[&str]| {
+            let (c, k) = write_cert(dir.path(), cn, names);
+            load(&c, &k, None, &p).unwrap()
+        };
+        let certs = [
+            mk("wild", &["*.example.com"]),
+            mk("exact", &["api.example.com"]),
+        ];
+        let r = SniResolver::new(&certs, 0, UnknownSni::Default);
+        let first = |n: &str| r.candidates(n).map(|c| Arc::as_ptr(&c[0]));
+        assert_eq!(first("api.example.com"), Some(Arc::as_ptr(&certs[1].key)));
+        assert_eq!(first("www.example.com"), Some(Arc::as_ptr(&certs[0].key)));
+        assert_eq!(first("a.b.example.com"), None);
+        assert_eq!(first("example.com"), None);
+        assert!(r.default.is_some());
+        let refusing = SniResolver::new(&certs, 0, UnknownSni::Refuse);
+        assert!(refusing.default.is_none());
+    }
+}
