@@ -156,7 +156,13 @@ impl Proxy {
     /// Writes a gateway error as JSON. Used before proxying starts.
     async fn reject(&self, session: &mut Session, ctx: &mut Ctx, r: Reject) -> Result<bool> {
         ctx.reject = Some(r);
-        write_json_error(session, r, &ctx.request_id).await;
+        let html = matches!(r, Reject::Forbidden(_))
+            && matches!((&ctx.snap, ctx.route), (Some(s), Some(i)) if s.bindings[i].block_page_html);
+        if html && !crate::respond::is_grpc(&session.req_header().headers) {
+            write_html_error(session, r, &ctx.request_id).await;
+        } else {
+            write_json_error(session, r, &ctx.request_id).await;
+        }
         Ok(true)
     }
 }
@@ -187,6 +193,25 @@ async fn write_json_error(session: &mut Session, r: Reject, request_id: &str) {
         // The rest of the body was not read: the connection cannot be reused.
         session.set_keepalive(None);
     }
+    if session
+        .write_response_header(Box::new(resp), false)
+        .await
+        .is_ok()
+    {
+        let _ = session.write_response_body(Some(body), true).await;
+    }
+}
+
+/// A screening refusal as a small HTML page (`routes[].block_page: html`).
+async fn write_html_error(session: &mut Session, r: Reject, request_id: &str) {
+    let body = Bytes::from(r.html_body(request_id));
+    let Ok(mut resp) = ResponseHeader::build(r.status(), Some(4)) else {
+        return;
+    };
+    let _ = resp.insert_header("content-type", "text/html; charset=utf-8");
+    let _ = resp.insert_header("content-length", body.len());
+    let _ = resp.insert_header("cache-control", "no-store");
+    let _ = resp.insert_header(X_REQUEST_ID, request_id);
     if session
         .write_response_header(Box::new(resp), false)
         .await

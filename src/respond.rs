@@ -163,6 +163,21 @@ impl Reject {
         s.into_bytes()
     }
 
+    /// A small HTML page with the same facts as [`Self::body`], for routes browsers open.
+    pub fn html_body(self, request_id: &str) -> Vec<u8> {
+        let status = self.status();
+        let reason = http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("");
+        // Static texts and a validated request id: nothing here needs escaping.
+        format!(
+            "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{status} {reason}</title></head>\n<body><h1>{status} {reason}</h1>\n<p>{}.</p>\n<p>Request id: <code>{request_id}</code></p></body></html>\n",
+            self.message(),
+        )
+        .into_bytes()
+    }
+
     /// A complete HTTP/1.1 response that closes the connection, for the paths that answer
     /// before (or instead of) Pingora's session.
     pub fn raw_response(self, request_id: &str) -> Vec<u8> {

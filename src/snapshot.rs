@@ -72,6 +72,8 @@ pub struct Binding {
     pub bot_mode: BotMode,
     /// The custom rules apply (`routes[].rules`).
     pub rules: bool,
+    /// Screening refusals answer with an HTML page (`routes[].block_page: html`).
+    pub block_page_html: bool,
 }
 
 /// A request the IP rules or bot detection refuse (or, in `detect` mode, would refuse).
@@ -318,6 +320,8 @@ pub fn compile(
                         ip_rules: ip_rules[route.index].take().unwrap_or_default(),
                         bot_mode: cfg.routes[route.index].bots.unwrap_or(cfg.bots.mode),
                         rules: cfg.routes[route.index].rules,
+                        block_page_html: cfg.routes[route.index].block_page
+                            == crate::config::BlockPage::Html,
                     })
                     .collect(),
                 router,

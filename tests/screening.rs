@@ -37,6 +37,7 @@ routes:
   - {{ name: admin, match: {{ path_prefix: /admin }}, upstream: app, ip_rules: {{ allow: [ 10.9.0.0/16, "2001:db8::/32" ] }} }}
   - {{ name: watch, match: {{ path_prefix: /watch }}, upstream: app, bots: detect }}
   - {{ name: open, match: {{ path_prefix: /open }}, upstream: app, bots: off, rules: false }}
+  - {{ name: page, match: {{ path_prefix: /page }}, upstream: app, block_page: html }}
   - {{ name: chat, match: {{ path_prefix: /ws }}, upstream: ws, websocket: {{ enabled: true }} }}
   - {{ name: all, upstream: app }}
 "#,
@@ -145,6 +146,17 @@ fn ip_lists_and_bots_are_refused_before_the_upstream_and_change_by_reload() {
         .unwrap();
         assert_eq!(m.into_text().unwrap().as_str(), "hi");
     });
+
+    // A route browsers open gets the refusal as a small HTML page, with the same request id.
+    let r = gw.send(&from("203.0.113.9", "/page/home", BROWSER));
+    assert_eq!(r.status, 403);
+    assert!(r.header("content-type").unwrap().starts_with("text/html"));
+    let id = r.header("x-request-id").unwrap();
+    let text = r.text();
+    assert!(
+        text.contains("403 Forbidden") && text.contains(id),
+        "{text}"
+    );
 
     // Custom rules: block, log and tag; a route can opt out.
     let mut delete = from("10.9.1.1", "/admin/users/7", BROWSER);

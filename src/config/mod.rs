@@ -350,6 +350,7 @@ fn placeholder_route(i: usize) -> Route {
         ip_rules: None,
         bots: None,
         rules: true,
+        block_page: BlockPage::Json,
     }
 }
 

@@ -789,6 +789,18 @@ pub struct Route {
     /// `false`: the custom `rules:` do not apply to this route.
     #[serde(default = "default_true")]
     pub rules: bool,
+    /// Body of the `403` that IP rules, bots and custom rules answer: `json` (default) or
+    /// `html` (for routes browsers open).
+    #[serde(default)]
+    pub block_page: BlockPage,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockPage {
+    #[default]
+    Json,
+    Html,
 }
 
 /// All conditions must hold. An empty match matches every request.
