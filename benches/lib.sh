@@ -59,3 +59,30 @@ start_nginx() { # name conf core port; needs NGINX
     PIDS+=("$STARTED")
     wait_port "$4" "$1" "$STARTED"
 }
+
+# Writes TMP/NAME/nginx.conf (one worker, no access log, temp paths in that dir, BODY inside
+# `http {}`) and prints its path. Needs NOFILE and NGINX_WC.
+nginx_conf() { # name body
+    local dir=$TMP/$1
+    mkdir -p "$dir"
+    cat >"$dir/nginx.conf" <<EOF
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile $NOFILE;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections $NGINX_WC; multi_accept on; }
+http {
+    access_log off;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    keepalive_requests 1000000;
+$2
+}
+EOF
+    echo "$dir/nginx.conf"
+}

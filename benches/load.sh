@@ -75,38 +75,13 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# stop_wait, stop, free_port, wait_port, cpu_ticks, children, start_nginx
+# stop_wait, stop, free_port, wait_port, cpu_ticks, children, start_nginx, nginx_conf
 # shellcheck source=benches/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 # ---------------------------------------------------------------------------------------------
 # Configs
-
-nginx_conf() { # name port body
-    local dir=$TMP/$1
-    mkdir -p "$dir"
-    cat >"$dir/nginx.conf" <<EOF
-daemon off;
-master_process on;
-worker_processes 1;
-worker_rlimit_nofile $NOFILE;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections $NGINX_WC; multi_accept on; }
-http {
-    access_log off;
-    client_body_temp_path $dir/body;
-    proxy_temp_path $dir/proxy;
-    fastcgi_temp_path $dir/fastcgi;
-    uwsgi_temp_path $dir/uwsgi;
-    scgi_temp_path $dir/scgi;
-    keepalive_requests 1000000;
-$3
-}
-EOF
-    echo "$dir/nginx.conf"
-}
 
 # start_nginx (lib.sh) and start_tollgate set STARTED to the new pid (not $(...): the pid must
 # be tracked by this shell).
@@ -147,10 +122,10 @@ free_port TG_PORT
 free_port NG_PORT
 free_port TG_ADMIN
 
-up_conf=$(nginx_conf upstream "$UP_PORT" "
+up_conf=$(nginx_conf upstream "
     server { listen 127.0.0.1:$UP_PORT backlog=4096; location / { return 200 \"ok\"; }
         location = /nginx_status { stub_status; } }")
-ng_conf=$(nginx_conf nginx-proxy "$NG_PORT" "
+ng_conf=$(nginx_conf nginx-proxy "
     upstream app { server 127.0.0.1:$UP_PORT; keepalive 128; keepalive_requests 1000000; }
     server {
         listen 127.0.0.1:$NG_PORT backlog=4096;
@@ -282,7 +257,7 @@ free_port WS_TG_PORT
 free_port WS_NG_PORT
 free_port WS_TG_ADMIN
 ws_tg_conf=$(tollgate_conf tollgate-ws "$WS_TG_PORT" "$WS_UP_PORT" "$WS_TG_ADMIN")
-ws_ng_conf=$(nginx_conf nginx-ws "$WS_NG_PORT" "
+ws_ng_conf=$(nginx_conf nginx-ws "
     map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
     upstream ws { server 127.0.0.1:$WS_UP_PORT; }
     server {

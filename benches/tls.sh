@@ -88,7 +88,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# stop_wait, stop, free_port, wait_port, cpu_ticks, children, start_nginx
+# stop_wait, stop, free_port, wait_port, cpu_ticks, children, start_nginx, nginx_conf
 # shellcheck source=benches/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # "busy total user+system" jiffies of one core (/proc/stat; busy = all but idle and iowait):
@@ -122,31 +122,6 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyou
 
 # ---------------------------------------------------------------------------------------------
 # Configs
-
-nginx_conf() { # name body
-    local dir=$TMP/$1
-    mkdir -p "$dir"
-    cat >"$dir/nginx.conf" <<EOF
-daemon off;
-master_process on;
-worker_processes 1;
-worker_rlimit_nofile $NOFILE;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections $NGINX_WC; multi_accept on; }
-http {
-    access_log off;
-    client_body_temp_path $dir/body;
-    proxy_temp_path $dir/proxy;
-    fastcgi_temp_path $dir/fastcgi;
-    uwsgi_temp_path $dir/uwsgi;
-    scgi_temp_path $dir/scgi;
-    keepalive_requests 1000000;
-$2
-}
-EOF
-    echo "$dir/nginx.conf"
-}
 
 # start_nginx (lib.sh) and start_tollgate set STARTED to the new pid (not $(...): the pid must
 # be tracked by this shell).
