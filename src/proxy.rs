@@ -156,9 +156,21 @@ impl Proxy {
     /// Writes a gateway error as JSON. Used before proxying starts.
     async fn reject(&self, session: &mut Session, ctx: &mut Ctx, r: Reject) -> Result<bool> {
         ctx.reject = Some(r);
+        let grpc = crate::respond::is_grpc(&session.req_header().headers);
+        if let (Reject::Forbidden(crate::snapshot::CHALLENGE_REQUIRED), Some(snap), false) =
+            (r, &ctx.snap, grpc)
+        {
+            let page = snap.challenge_page(
+                ctx.real_ip,
+                &session.req_header().headers,
+                ctx.client.proto == "https",
+            );
+            write_page(session, r.status(), page.into_bytes(), &ctx.request_id).await;
+            return Ok(true);
+        }
         let html = matches!(r, Reject::Forbidden(_))
             && matches!((&ctx.snap, ctx.route), (Some(s), Some(i)) if s.bindings[i].block_page_html);
-        if html && !crate::respond::is_grpc(&session.req_header().headers) {
+        if html && !grpc {
             write_html_error(session, r, &ctx.request_id).await;
         } else {
             write_json_error(session, r, &ctx.request_id).await;
@@ -204,8 +216,13 @@ async fn write_json_error(session: &mut Session, r: Reject, request_id: &str) {
 
 /// A screening refusal as a small HTML page (`routes[].block_page: html`).
 async fn write_html_error(session: &mut Session, r: Reject, request_id: &str) {
-    let body = Bytes::from(r.html_body(request_id));
-    let Ok(mut resp) = ResponseHeader::build(r.status(), Some(4)) else {
+    write_page(session, r.status(), r.html_body(request_id), request_id).await;
+}
+
+/// An HTML page of the gateway's own (never cached).
+async fn write_page(session: &mut Session, status: u16, page: Vec<u8>, request_id: &str) {
+    let body = Bytes::from(page);
+    let Ok(mut resp) = ResponseHeader::build(status, Some(4)) else {
         return;
     };
     let _ = resp.insert_header("content-type", "text/html; charset=utf-8");

@@ -128,6 +128,7 @@ impl Reject {
                 "ip_denied" => "requests from this address are refused",
                 "ip_not_allowed" => "this address may not use this route",
                 "blocked_by_rule" => "the request was refused by a gateway rule",
+                "challenge_required" => "this page needs a browser with JavaScript",
                 _ => "automated clients of this kind are refused",
             },
             Reject::Quota(q) => match q.code {

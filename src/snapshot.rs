@@ -76,6 +76,15 @@ pub struct Binding {
     pub block_page_html: bool,
 }
 
+/// The refusal code of a request that must pass the browser challenge first.
+pub const CHALLENGE_REQUIRED: &str = "challenge_required";
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// A request the IP rules or bot detection refuse (or, in `detect` mode, would refuse).
 #[derive(Debug, Clone, Copy)]
 pub struct Screened<'a> {
@@ -114,12 +123,42 @@ impl Snapshot {
             return None;
         }
         let ua = headers.get(http::header::USER_AGENT).map(|v| v.as_bytes());
-        self.bots.check(ua).map(|hit| Screened {
-            code: "bot_blocked",
-            category: "bot",
-            rule: hit.rule,
-            detect_only: b.bot_mode == BotMode::Detect,
-        })
+        if let Some(hit) = self.bots.check(ua) {
+            return Some(Screened {
+                code: "bot_blocked",
+                category: "bot",
+                rule: hit.rule,
+                detect_only: b.bot_mode == BotMode::Detect,
+            });
+        }
+        if b.bot_mode == BotMode::Challenge && !self.bots.allowed(ua) {
+            let c = &self.bots.challenge;
+            let passed = crate::policy::challenge::cookie(headers, &c.cookie)
+                .is_some_and(|v| c.verify(v, unix_now(), client, ua.unwrap_or_default()));
+            if !passed {
+                return Some(Screened {
+                    code: CHALLENGE_REQUIRED,
+                    category: "bot",
+                    rule: "challenge",
+                    detect_only: false,
+                });
+            }
+        }
+        None
+    }
+
+    /// The challenge page for a client that has no valid cookie yet.
+    pub fn challenge_page(
+        &self,
+        client: Option<std::net::IpAddr>,
+        headers: &http::HeaderMap,
+        https: bool,
+    ) -> String {
+        let c = &self.bots.challenge;
+        let ua = headers
+            .get(http::header::USER_AGENT)
+            .map_or(&b""[..], |v| v.as_bytes());
+        c.page(&c.token(unix_now(), client, ua), https)
     }
 
     /// The custom rules' verdict for a request on route `index` (after [`Self::screen`]).

@@ -34,6 +34,9 @@ pub struct BotSettings {
     /// Refuse requests without a User-Agent (browsers and most clients send one).
     #[serde(default)]
     pub block_empty: bool,
+    /// The browser challenge of `bots: challenge` routes.
+    #[serde(default)]
+    pub challenge: super::challenge::ChallengeSettings,
 }
 
 impl Default for BotSettings {
@@ -44,6 +47,7 @@ impl Default for BotSettings {
             deny: Vec::new(),
             allow: Vec::new(),
             block_empty: false,
+            challenge: Default::default(),
         }
     }
 }
@@ -61,6 +65,9 @@ pub enum BotMode {
     Block,
     /// Passes; counted and logged as what would have been blocked.
     Detect,
+    /// Like `block`, and every other client must pass the browser challenge (`bots.challenge`)
+    /// unless its User-Agent is in `allow`.
+    Challenge,
     Off,
 }
 
@@ -104,6 +111,7 @@ pub struct BotDetector {
     allow_any: Option<Regex>,
     block_empty: bool,
     pub mode: BotMode,
+    pub challenge: super::challenge::Challenge,
 }
 
 impl Default for BotDetector {
@@ -151,6 +159,13 @@ impl BotDetector {
         };
         let deny = set("deny", &s.deny);
         set("allow", &s.allow);
+        let challenge =
+            super::challenge::Challenge::compile(&error::join(path, "challenge"), &s.challenge)
+                .map_err(|e| errors.extend(e))
+                .ok();
+        let Some(challenge) = challenge.filter(|_| errors.is_empty()) else {
+            return Err(errors);
+        };
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -163,7 +178,14 @@ impl BotDetector {
             allow_any: any_of(&s.allow),
             block_empty: s.block_empty,
             mode: s.mode,
+            challenge,
         })
+    }
+
+    /// Whether the operator's `allow` patterns let this User-Agent through (also past the
+    /// browser challenge).
+    pub fn allowed(&self, user_agent: Option<&[u8]>) -> bool {
+        user_agent.is_some_and(|ua| self.allow_any.as_ref().is_some_and(|r| r.is_match(ua)))
     }
 
     /// The rule that refuses this User-Agent, if any.

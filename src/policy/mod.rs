@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod bot;
+pub mod challenge;
 pub mod client_ip;
 pub mod flood;
 pub mod ip_rules;
