@@ -27,7 +27,7 @@ use super::super::config::units::Dur;
 use crate::config::FieldError;
 
 /// `bots.challenge`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ChallengeSettings {
     /// HMAC key for the cookies (at least 16 bytes). Default: random per process.
@@ -41,6 +41,18 @@ pub struct ChallengeSettings {
     /// Leading zero bits of the proof of work (0–20).
     #[serde(default = "default_difficulty")]
     pub difficulty: u8,
+}
+
+/// Never prints the secret.
+impl std::fmt::Debug for ChallengeSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChallengeSettings")
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("ttl", &self.ttl)
+            .field("cookie", &self.cookie)
+            .field("difficulty", &self.difficulty)
+            .finish()
+    }
 }
 
 impl Default for ChallengeSettings {
@@ -331,6 +343,11 @@ mod tests {
         assert!(page.contains("__tollgate_challenge=") && page.contains("; Secure"));
         assert!(!c.page("1.a", false).contains("Secure"));
         assert!(!format!("{c:?}").contains("0123456789abcdef"));
+        let s = ChallengeSettings {
+            secret: Some("0123456789abcdef0123".into()),
+            ..ChallengeSettings::default()
+        };
+        assert!(!format!("{s:?}").contains("0123456789abcdef"));
     }
 
     #[test]
