@@ -946,3 +946,94 @@ routes:
         "a backend certificate of an unknown CA was accepted"
     );
 }
+
+/// Kills a process on drop (the new process of an upgrade is not the harness's child).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.0.to_string()])
+            .status();
+    }
+}
+
+#[test]
+fn a_binary_upgrade_hands_over_the_tls_listener_and_keeps_websockets_over_tls() {
+    let pki = Pki::new("Test CA");
+    let (cert, key) = pki.leaf("site", "site", &["a.test"], Alg::Ecdsa);
+    let app = HttpBackend::start("app");
+    let ws = WsEchoServer::start();
+    let gw = Gateway::start(&tls_config(
+        &format!("{{ certificates: [ {{ cert: {cert}, key: {key} }} ] }}"),
+        &format!(
+            "upstreams:\n  app: {{ backends: [ {{ address: \"{}\" }} ] }}\n  ws: {{ backends: [ {{ address: \"{}\" }} ] }}\nroutes:\n  - {{ name: ws, match: {{ path_prefix: /ws }}, upstream: ws, websocket: {{ enabled: true }} }}\n  - {{ name: all, upstream: app }}\n",
+            app.addr(),
+            ws.addr()
+        ),
+    ));
+    let ca = pki.ca_path();
+    let verified = ClientOpts {
+        ca: Some(&ca),
+        ..ClientOpts::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut socket = rt.block_on(ws_over_tls(gw.addr(), &ca));
+    let old = gw.status_json()["pid"].as_u64().unwrap();
+
+    let log = gw.dir.path().join("new.log");
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(common::BIN)
+        .arg("upgrade")
+        .arg("-c")
+        .arg(&gw.config_path)
+        .arg("--log")
+        .arg(&log)
+        .args(["--ready-timeout", "20s"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    // "upgraded: pid NEW serves; pid OLD drains ..."
+    let new: u32 = stdout
+        .split_whitespace()
+        .skip_while(|w| *w != "pid")
+        .nth(1)
+        .and_then(|p| p.trim_end_matches(';').parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "upgrade failed: {stdout}\n{}\nnew process:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+    let _new = KillOnDrop(new);
+    assert!(out.status.success(), "{stdout}");
+    assert_ne!(u64::from(new), old);
+
+    // New handshakes are the new process's, on the socket it was handed.
+    assert!(common::wait_until(Duration::from_secs(10), || {
+        gw.status_json()["pid"].as_u64() == Some(u64::from(new))
+    }));
+    for _ in 0..20 {
+        let mut c = tls_connect(gw.addr(), "a.test", &verified).unwrap();
+        assert_eq!(tls_get(&mut c, "a.test", "/").unwrap().0, 200);
+    }
+    // The WebSocket over TLS opened before stays on the old process and keeps echoing.
+    rt.block_on(async {
+        for i in 0..3 {
+            let msg = format!("after upgrade {i}");
+            socket.send(Message::text(msg.clone())).await.unwrap();
+            let reply = tokio::time::timeout(Duration::from_secs(5), socket.next())
+                .await
+                .expect("echo in time")
+                .expect("open")
+                .expect("a message");
+            assert_eq!(reply, Message::text(msg));
+        }
+    });
+}
