@@ -984,6 +984,12 @@ fn a_binary_upgrade_hands_over_the_tls_listener_and_keeps_websockets_over_tls() 
         .unwrap();
     let mut socket = rt.block_on(ws_over_tls(gw.addr(), &ca));
     let old = gw.status_json()["pid"].as_u64().unwrap();
+    // `tollgate upgrade` finds the running process through its pid file, written just after
+    // the listeners answer.
+    let pid_file = gw.dir.path().join("tollgate.pid");
+    assert!(common::wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|t| t.trim() == old.to_string())
+    }));
 
     let log = gw.dir.path().join("new.log");
     let out = Command::new("timeout")
