@@ -14,7 +14,6 @@ mod common;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -26,8 +25,8 @@ use tokio::task::block_in_place;
 use tokio_tungstenite::tungstenite::Message;
 
 use common::{
-    dead_addr, line_of, tail, wait_until, ws_connect, ws_roundtrip, Gateway, HttpBackend, RawConn,
-    Req, WsClient, WsEchoServer, BIN,
+    dead_addr, line_of, run_upgrade, tail, wait_until, ws_connect, ws_roundtrip, Gateway,
+    HttpBackend, RawConn, Req, Upgrade, WsClient, WsEchoServer,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -155,75 +154,6 @@ fn wait_drain_start(path: &Path, timeout: Duration) -> Option<Instant> {
 
 fn stderr_path(gw: &Gateway) -> PathBuf {
     gw.dir.path().join("stderr.log")
-}
-
-struct Upgrade {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-    took: Duration,
-    new_pid: Option<u32>,
-    old_pid: Option<u32>,
-    log: PathBuf,
-}
-
-/// Runs `tollgate upgrade -c CONF --log DIR/new-TAG.log` (bounded: killed after 45 s).
-fn run_upgrade(gw: &Gateway, tag: &str) -> Upgrade {
-    let dir = gw.dir.path();
-    let (out, err) = (
-        dir.join(format!("upgrade-{tag}.out")),
-        dir.join(format!("upgrade-{tag}.err")),
-    );
-    let log = dir.join(format!("new-{tag}.log"));
-    let started = Instant::now();
-    let mut child = Command::new(BIN)
-        .arg("upgrade")
-        .arg("-c")
-        .arg(&gw.config_path)
-        .arg("--log")
-        .arg(&log)
-        .args(["--ready-timeout", "20s"])
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&out).unwrap())
-        .stderr(fs::File::create(&err).unwrap())
-        .spawn()
-        .expect("spawn tollgate upgrade");
-    let mut code = None;
-    let deadline = Instant::now() + Duration::from_secs(45);
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            code = st.code();
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    let took = started.elapsed();
-    let stdout = fs::read_to_string(&out).unwrap_or_default();
-    let stderr = fs::read_to_string(&err).unwrap_or_default();
-    // "upgraded: pid NEW serves; pid OLD drains ..."
-    let mut pids = stdout
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .windows(2)
-        .filter(|w| w[0] == "pid")
-        .filter_map(|w| w[1].trim_end_matches(';').parse::<u32>().ok())
-        .collect::<Vec<_>>()
-        .into_iter();
-    let (new_pid, old_pid) = (pids.next(), pids.next());
-    Upgrade {
-        code,
-        stdout,
-        stderr,
-        took,
-        new_pid,
-        old_pid,
-        log,
-    }
 }
 
 /// Runs an upgrade that must succeed; registers the new process with `reaper`.

@@ -327,6 +327,15 @@ reload: {{ watch: true, watch_interval: 100ms }}
     )
 }
 
+/// `/ws` to a WebSocket echo server, everything else to `app`.
+fn proxy_app_and_ws(app: &HttpBackend, ws: &WsEchoServer) -> String {
+    format!(
+        "upstreams:\n  app: {{ backends: [ {{ address: \"{}\" }} ] }}\n  ws: {{ backends: [ {{ address: \"{}\" }} ] }}\nroutes:\n  - {{ name: ws, match: {{ path_prefix: /ws }}, upstream: ws, websocket: {{ enabled: true }} }}\n  - {{ name: all, upstream: app }}\n",
+        app.addr(),
+        ws.addr()
+    )
+}
+
 fn proxy_all(app: &HttpBackend) -> String {
     format!(
         "upstreams:\n  app: {{ backends: [ {{ address: \"{}\" }} ] }}\nroutes:\n  - {{ name: all, upstream: app }}\n",
@@ -487,11 +496,7 @@ fn certificate_rotation_under_load_fails_no_handshake_and_keeps_open_connections
     let ws = WsEchoServer::start();
     let gw = Gateway::start(&tls_config(
         &format!("{{ certificates: [ {{ cert: {cert}, key: {key} }} ] }}"),
-        &format!(
-            "upstreams:\n  app: {{ backends: [ {{ address: \"{}\" }} ] }}\n  ws: {{ backends: [ {{ address: \"{}\" }} ] }}\nroutes:\n  - {{ name: ws, match: {{ path_prefix: /ws }}, upstream: ws, websocket: {{ enabled: true }} }}\n  - {{ name: all, upstream: app }}\n",
-            app.addr(),
-            ws.addr()
-        ),
+        &proxy_app_and_ws(&app, &ws),
     ));
     let ca = pki.ca_path();
     let verified = ClientOpts {
@@ -584,15 +589,7 @@ fn certificate_rotation_under_load_fails_no_handshake_and_keeps_open_connections
     // What was open stays open, on the session it negotiated.
     assert_eq!(served_cn(&kept), "v1");
     assert_eq!(tls_get(&mut kept, "a.test", "/after").unwrap().0, 200);
-    rt.block_on(async {
-        socket.send(Message::text("still here")).await.unwrap();
-        let reply = tokio::time::timeout(Duration::from_secs(5), socket.next())
-            .await
-            .expect("echo in time")
-            .expect("open")
-            .expect("a message");
-        assert_eq!(reply, Message::text("still here"));
-    });
+    rt.block_on(echo(&mut socket, "still here"));
     assert_eq!(
         served_cn(&tls_connect(gw.addr(), "a.test", &verified).unwrap()),
         "v2"
@@ -629,10 +626,24 @@ async fn ws_over_tls(
     .expect("handshake in time")
     .expect("WebSocket handshake");
     assert_eq!(resp.status(), 101);
-    ws.send(Message::text("hello")).await.unwrap();
-    let reply = ws.next().await.unwrap().unwrap();
-    assert_eq!(reply, Message::text("hello"));
+    echo(&mut ws, "hello").await;
     ws
+}
+
+/// Sends `msg` on a WebSocket over TLS and expects it back within 5 s.
+async fn echo(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    >,
+    msg: &str,
+) {
+    ws.send(Message::text(msg)).await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("echo in time")
+        .expect("open")
+        .expect("a message");
+    assert_eq!(reply, Message::text(msg));
 }
 
 #[test]
@@ -966,11 +977,7 @@ fn a_binary_upgrade_hands_over_the_tls_listener_and_keeps_websockets_over_tls() 
     let ws = WsEchoServer::start();
     let gw = Gateway::start(&tls_config(
         &format!("{{ certificates: [ {{ cert: {cert}, key: {key} }} ] }}"),
-        &format!(
-            "upstreams:\n  app: {{ backends: [ {{ address: \"{}\" }} ] }}\n  ws: {{ backends: [ {{ address: \"{}\" }} ] }}\nroutes:\n  - {{ name: ws, match: {{ path_prefix: /ws }}, upstream: ws, websocket: {{ enabled: true }} }}\n  - {{ name: all, upstream: app }}\n",
-            app.addr(),
-            ws.addr()
-        ),
+        &proxy_app_and_ws(&app, &ws),
     ));
     let ca = pki.ca_path();
     let verified = ClientOpts {
@@ -991,34 +998,18 @@ fn a_binary_upgrade_hands_over_the_tls_listener_and_keeps_websockets_over_tls() 
         std::fs::read_to_string(&pid_file).is_ok_and(|t| t.trim() == old.to_string())
     }));
 
-    let log = gw.dir.path().join("new.log");
-    let out = Command::new("timeout")
-        .arg("60")
-        .arg(common::BIN)
-        .arg("upgrade")
-        .arg("-c")
-        .arg(&gw.config_path)
-        .arg("--log")
-        .arg(&log)
-        .args(["--ready-timeout", "20s"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    // "upgraded: pid NEW serves; pid OLD drains ..."
-    let new: u32 = stdout
-        .split_whitespace()
-        .skip_while(|w| *w != "pid")
-        .nth(1)
-        .and_then(|p| p.trim_end_matches(';').parse().ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "upgrade failed: {stdout}\n{}\nnew process:\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        });
+    let u = common::run_upgrade(&gw, "tls");
+    let Some(new) = u.new_pid else {
+        panic!(
+            "upgrade failed ({:?}): {}\n{}\nnew process:\n{}",
+            u.code,
+            u.stdout,
+            u.stderr,
+            std::fs::read_to_string(&u.log).unwrap_or_default()
+        );
+    };
     let _new = KillOnDrop(new);
-    assert!(out.status.success(), "{stdout}");
+    assert_eq!(u.code, Some(0), "{}", u.stdout);
     assert_ne!(u64::from(new), old);
 
     // New handshakes are the new process's, on the socket it was handed.
@@ -1030,16 +1021,7 @@ fn a_binary_upgrade_hands_over_the_tls_listener_and_keeps_websockets_over_tls() 
         assert_eq!(tls_get(&mut c, "a.test", "/").unwrap().0, 200);
     }
     // The WebSocket over TLS opened before stays on the old process and keeps echoing.
-    rt.block_on(async {
-        for i in 0..3 {
-            let msg = format!("after upgrade {i}");
-            socket.send(Message::text(msg.clone())).await.unwrap();
-            let reply = tokio::time::timeout(Duration::from_secs(5), socket.next())
-                .await
-                .expect("echo in time")
-                .expect("open")
-                .expect("a message");
-            assert_eq!(reply, Message::text(msg));
-        }
-    });
+    for i in 0..3 {
+        rt.block_on(echo(&mut socket, &format!("after upgrade {i}")));
+    }
 }

@@ -796,6 +796,76 @@ impl Echo {
     }
 }
 
+/// What `tollgate upgrade` did (see [`run_upgrade`]).
+pub struct Upgrade {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub took: Duration,
+    pub new_pid: Option<u32>,
+    pub old_pid: Option<u32>,
+    pub log: PathBuf,
+}
+
+/// Runs `tollgate upgrade -c CONF --log DIR/new-TAG.log` (bounded: killed after 45 s).
+pub fn run_upgrade(gw: &Gateway, tag: &str) -> Upgrade {
+    let dir = gw.dir.path();
+    let (out, err) = (
+        dir.join(format!("upgrade-{tag}.out")),
+        dir.join(format!("upgrade-{tag}.err")),
+    );
+    let log = dir.join(format!("new-{tag}.log"));
+    let started = Instant::now();
+    let mut child = Command::new(BIN)
+        .arg("upgrade")
+        .arg("-c")
+        .arg(&gw.config_path)
+        .arg("--log")
+        .arg(&log)
+        .args(["--ready-timeout", "20s"])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out).unwrap())
+        .stderr(fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("spawn tollgate upgrade");
+    let mut code = None;
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            code = st.code();
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let took = started.elapsed();
+    let stdout = fs::read_to_string(&out).unwrap_or_default();
+    let stderr = fs::read_to_string(&err).unwrap_or_default();
+    // "upgraded: pid NEW serves; pid OLD drains ..."
+    let mut pids = stdout
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter(|w| w[0] == "pid")
+        .filter_map(|w| w[1].trim_end_matches(';').parse::<u32>().ok())
+        .collect::<Vec<_>>()
+        .into_iter();
+    let (new_pid, old_pid) = (pids.next(), pids.next());
+    Upgrade {
+        code,
+        stdout,
+        stderr,
+        took,
+        new_pid,
+        old_pid,
+        log,
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Upstream servers
 
