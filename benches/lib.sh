@@ -1,6 +1,14 @@
 # Shell helpers shared by the benchmark scripts (sourced, not run): process stop and wait,
 # free ports, readiness, CPU ticks. They expect the sourcing script to define `die`, `TMP` and
-# the `PIDS` array.
+# the `PIDS` array (and `KEEP`).
+
+# Stops every process started (INT, then KILL after 5 s) and removes TMP unless KEEP=1.
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do stop_wait "$p"; done
+    if [[ $KEEP == 1 ]]; then echo "# kept $TMP" >&2; else rm -rf "$TMP"; fi
+}
 
 # Waits (bounded) for a process we started to exit, then kills it.
 stop_wait() {

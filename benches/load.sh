@@ -66,18 +66,12 @@ ODD=() # odd things seen, printed under the table
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-load.XXXXXX")
 PIDS=()
-cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do stop_wait "$p"; done
-    if [[ $KEEP == 1 ]]; then echo "# kept $TMP" >&2; else rm -rf "$TMP"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# stop_wait, stop, free_port, wait_port, cpu_ticks, children, start_nginx, nginx_conf
+# cleanup (the EXIT trap), stop_wait, stop, free_port, wait_port, cpu_ticks, children,
+# start_nginx, nginx_conf
 # shellcheck source=benches/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 # ---------------------------------------------------------------------------------------------

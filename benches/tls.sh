@@ -79,18 +79,12 @@ NGINX_WC=$((2 * HS_N + 1024))
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-tls.XXXXXX")
 PIDS=()
-cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do stop_wait "$p"; done
-    if [[ $KEEP == 1 ]]; then echo "# kept $TMP" >&2; else rm -rf "$TMP"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# stop_wait, stop, free_port, wait_port, cpu_ticks, children, start_nginx, nginx_conf
+# cleanup (the EXIT trap), stop_wait, stop, free_port, wait_port, cpu_ticks, children,
+# start_nginx, nginx_conf
 # shellcheck source=benches/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 # "busy total user+system" jiffies of one core (/proc/stat; busy = all but idle and iowait):
 # how busy the proxy's and the load generator's cores were over a run (anything else running
 # counts too). user+system leaves out irq and softirq time, which no process is charged with
