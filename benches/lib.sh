@@ -60,7 +60,15 @@ cpu_ticks() {
 }
 children() { pgrep -P "$1" || true; }
 
-# Sets STARTED to the new pid (not $(...): the pid must be tracked by the sourcing shell).
+# Both start_* set STARTED to the new pid (not $(...): the pid must be tracked by the sourcing
+# shell).
+start_tollgate() { # name conf core port; needs BIN
+    taskset -c "$3" "$BIN" -c "$2" >"$TMP/$1.log" 2>&1 &
+    STARTED=$!
+    PIDS+=("$STARTED")
+    wait_port "$4" "$1" "$STARTED"
+}
+
 start_nginx() { # name conf core port; needs NGINX
     taskset -c "$3" "$NGINX" -e "$TMP/$1/error.log" -c "$2" >"$TMP/$1.log" 2>&1 &
     STARTED=$!

@@ -67,7 +67,7 @@ ODD=() # odd things seen, printed under the table
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-load.XXXXXX")
 PIDS=()
 # cleanup (the EXIT trap), stop_wait, stop, free_port, wait_port, cpu_ticks, children,
-# start_nginx, nginx_conf
+# start_nginx, start_tollgate, nginx_conf
 # shellcheck source=benches/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 trap cleanup EXIT
@@ -76,9 +76,6 @@ rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 # ---------------------------------------------------------------------------------------------
 # Configs
-
-# start_nginx (lib.sh) and start_tollgate set STARTED to the new pid (not $(...): the pid must
-# be tracked by this shell).
 
 tollgate_conf() { # name port upstream_port admin_port
     local dir=$TMP/$1
@@ -92,13 +89,6 @@ upstreams: { app: { backends: [ { address: "127.0.0.1:$3" } ] } }
 routes: [ { name: app, match: { path_prefix: / }, upstream: app, websocket: { idle_timeout: 1h } } ]
 EOF
     echo "$dir/tollgate.yaml"
-}
-
-start_tollgate() { # name conf core port
-    taskset -c "$3" "$BIN" -c "$2" >"$TMP/$1.log" 2>&1 &
-    STARTED=$!
-    PIDS+=("$STARTED")
-    wait_port "$4" "$1" "$STARTED"
 }
 
 median_col() { # file column

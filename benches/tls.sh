@@ -80,7 +80,7 @@ NGINX_WC=$((2 * HS_N + 1024))
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-tls.XXXXXX")
 PIDS=()
 # cleanup (the EXIT trap), stop_wait, stop, free_port, wait_port, cpu_ticks, children,
-# start_nginx, nginx_conf
+# start_nginx, start_tollgate, nginx_conf
 # shellcheck source=benches/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 trap cleanup EXIT
@@ -117,9 +117,6 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyou
 # ---------------------------------------------------------------------------------------------
 # Configs
 
-# start_nginx (lib.sh) and start_tollgate set STARTED to the new pid (not $(...): the pid must
-# be tracked by this shell).
-
 tollgate_conf() { # name port upstream_port admin_port
     local dir=$TMP/$1
     mkdir -p "$dir"
@@ -137,13 +134,6 @@ upstreams: { app: { backends: [ { address: "127.0.0.1:$3" } ] } }
 routes: [ { name: app, match: { path_prefix: / }, upstream: app } ]
 EOF
     echo "$dir/tollgate.yaml"
-}
-
-start_tollgate() { # name conf core port
-    taskset -c "$3" "$BIN" -c "$2" >"$TMP/$1.log" 2>&1 &
-    STARTED=$!
-    PIDS+=("$STARTED")
-    wait_port "$4" "$1" "$STARTED"
 }
 
 free_port UP_PORT
