@@ -306,6 +306,9 @@ pub struct ClientCert {
     pub common_name: Option<String>,
     /// SHA-256 of the certificate (DER), lowercase hex.
     pub fingerprint: String,
+    /// consumers.yaml lookup keys, made once per connection rather than per request.
+    fingerprint_key: String,
+    common_name_key: Option<String>,
 }
 
 impl ClientCert {
@@ -318,12 +321,14 @@ impl ClientCert {
             .next()
             .and_then(|cn| cn.as_str().ok())
             .map(str::to_string);
-        let fingerprint = sha2::Sha256::digest(der)
+        let fingerprint: String = sha2::Sha256::digest(der)
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
         Some(ClientCert {
             subject: cert.subject().to_string(),
+            fingerprint_key: format!("sha256:{fingerprint}"),
+            common_name_key: common_name.as_deref().map(Self::key_for_common_name),
             common_name,
             fingerprint,
         })
@@ -334,12 +339,12 @@ impl ClientCert {
         digest?.extension.get::<ClientCert>()
     }
 
-    pub fn fingerprint_key(&self) -> String {
-        format!("sha256:{}", self.fingerprint)
+    pub fn fingerprint_key(&self) -> &str {
+        &self.fingerprint_key
     }
 
-    pub fn common_name_key(&self) -> Option<String> {
-        self.common_name.as_deref().map(Self::key_for_common_name)
+    pub fn common_name_key(&self) -> Option<&str> {
+        self.common_name_key.as_deref()
     }
 
     /// Lookup keys of consumers.yaml's `client_certs` entries.

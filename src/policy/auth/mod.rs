@@ -455,8 +455,8 @@ impl RoutePolicy {
         let cert = cert?;
         let found = table
             .client_certs
-            .get(&cert.fingerprint_key())
-            .or_else(|| table.client_certs.get(&cert.common_name_key()?));
+            .get(cert.fingerprint_key())
+            .or_else(|| table.client_certs.get(cert.common_name_key()?));
         Some(match found {
             Some(&c) => Ok(Identity {
                 consumer: Some(c),
