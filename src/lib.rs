@@ -16,3 +16,4 @@ pub mod snapshot;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;
+pub mod waf;

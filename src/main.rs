@@ -103,6 +103,21 @@ fn check(path: &Path) -> ExitCode {
                 snap.upstreams.len(),
                 loaded.config.listeners.len()
             );
+            if let Some(waf) = &snap.waf {
+                let rs = &waf.ruleset;
+                println!(
+                    "waf: {} rules from {} files, {} not run",
+                    rs.rules.len(),
+                    rs.files.len(),
+                    rs.unsupported.len()
+                );
+                for u in &rs.unsupported {
+                    println!("waf: {u}");
+                }
+                for n in &rs.notes {
+                    println!("waf: note: {n}");
+                }
+            }
             report_restart_only_changes(&loaded.config);
             ExitCode::SUCCESS
         }

@@ -66,6 +66,8 @@ pub struct Ctx {
     listener: Option<usize>,
     /// What the IP rules or bot detection found (`bot:sqlmap`), blocked or only detected.
     screened: Option<String>,
+    /// The request body when the WAF or the auth policy read it (replayed to the upstream).
+    body: Option<Vec<u8>>,
 }
 
 impl Ctx {
@@ -84,7 +86,86 @@ fn idempotent(method: &http::Method) -> bool {
     )
 }
 
+fn declared_length(session: &Session) -> Option<u64> {
+    session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Reads the whole request body (at most `max` bytes) into Pingora's retry buffer, which
+/// replays it to the upstream: the WAF and body-signing auth inspect it before any of it leaves.
+async fn read_body(session: &mut Session, max: u64) -> std::result::Result<Vec<u8>, Reject> {
+    session.enable_retry_buffering();
+    let mut buf = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if (buf.len() + chunk.len()) as u64 > max {
+                    return Err(Reject::BodyTooLarge);
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(buf),
+            Err(e) => return Err(classify(&e)),
+        }
+    }
+}
+
 impl Proxy {
+    /// The WAF on route `index`: reads the body first when there is one (up to
+    /// `waf.body_limit`; a larger declared body is refused, or streamed uninspected with
+    /// `body_limit_action: skip`).
+    async fn inspect_waf(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        snap: &Snapshot,
+        index: usize,
+    ) -> std::result::Result<(), Reject> {
+        let Some(waf) = snap.waf.as_deref() else {
+            return Ok(());
+        };
+        let Some(route_waf) = waf.route(snap.router.routes()[index].index) else {
+            return Ok(());
+        };
+        let declared = declared_length(session);
+        let has_body = declared.is_some_and(|n| n > 0)
+            || session
+                .req_header()
+                .headers
+                .contains_key(http::header::TRANSFER_ENCODING);
+        if has_body && ctx.body.is_none() && !session.is_upgrade_req() {
+            let max = (route_waf.body_limit as u64).min(ctx.max_body);
+            match declared {
+                Some(n) if n > max && n <= ctx.max_body && waf.skips_large_bodies() => {}
+                Some(n) if n > max => return Err(Reject::BodyTooLarge),
+                _ => ctx.body = Some(read_body(session, max).await?),
+            }
+        }
+        let verdict = self.gateway.inspect_waf(
+            snap,
+            index,
+            route_waf,
+            session.req_header(),
+            ctx.real_ip,
+            &ctx.request_id,
+            ctx.body.as_deref(),
+        );
+        if let Some(found) = verdict.found {
+            ctx.screened = Some(match ctx.screened.take() {
+                Some(s) => format!("{s},{found}"),
+                None => found,
+            });
+        }
+        match verdict.refusal {
+            Some(r) => Err(r),
+            None => Ok(()),
+        }
+    }
+
     /// Runs the route's auth policy; the identity goes into `ctx`. Reads the request body
     /// first when the policy needs it (HMAC-signed forms, Content-MD5): it is kept in Pingora's
     /// retry buffer, which replays it to the upstream, hence the 64 KiB cap.
@@ -95,42 +176,22 @@ impl Proxy {
         snap: &Snapshot,
         policy: &RoutePolicy,
     ) -> std::result::Result<(), Reject> {
-        let mut body = None;
-        if policy.needs_body(session.req_header()) {
+        if ctx.body.is_none() && policy.needs_body(session.req_header()) {
             if let Err(f) = policy.precheck(session.req_header()) {
                 policy.record(&self.gateway.metrics.auth, &Err(f));
                 return Err(Reject::Auth(f));
             }
             let max = policy.max_body().min(ctx.max_body);
-            let declared = session
-                .req_header()
-                .headers
-                .get(http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            if declared.is_some_and(|n| n > max) {
+            if declared_length(session).is_some_and(|n| n > max) {
                 return Err(Reject::BodyTooLarge);
             }
-            session.enable_retry_buffering();
-            let mut buf = Vec::new();
-            loop {
-                match session.read_request_body().await {
-                    Ok(Some(chunk)) => {
-                        if (buf.len() + chunk.len()) as u64 > max {
-                            return Err(Reject::BodyTooLarge);
-                        }
-                        buf.extend_from_slice(&chunk);
-                    }
-                    Ok(None) => break,
-                    Err(e) => return Err(classify(&e)),
-                }
-            }
-            body = Some(buf);
+            ctx.body = Some(read_body(session, max).await?);
         }
+        let body = ctx.body.as_deref();
         let tls = session.digest().and_then(|d| d.ssl_digest.clone());
         let outcome = policy.authenticate(
             session.req_header(),
-            body.as_deref(),
+            body,
             crate::tls::ClientCert::of(tls.as_deref()),
             &snap.consumers,
             &self.gateway.nonces,
@@ -295,6 +356,7 @@ impl ProxyHttp for Proxy {
             real_ip: None,
             listener: None,
             screened: None,
+            body: None,
         }
     }
 
@@ -375,6 +437,9 @@ impl ProxyHttp for Proxy {
         let flood_id = snap.bindings[index].flood_id;
         if let Some(r) = self.gateway.flood_check(&snap, ctx.real_ip, flood_id) {
             return self.reject(session, ctx, Reject::Quota(r)).await;
+        }
+        if let Err(r) = self.inspect_waf(session, ctx, &snap, index).await {
+            return self.reject(session, ctx, r).await;
         }
         if let Some(policy) = &snap.bindings[index].auth {
             if let Err(r) = self.authenticate(session, ctx, &snap, policy).await {

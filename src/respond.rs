@@ -129,6 +129,7 @@ impl Reject {
                 "ip_not_allowed" => "this address may not use this route",
                 "blocked_by_rule" => "the request was refused by a gateway rule",
                 "challenge_required" => "this page needs a browser with JavaScript",
+                "waf_blocked" => "the request was refused by the web application firewall",
                 _ => "automated clients of this kind are refused",
             },
             Reject::Quota(q) => match q.code {

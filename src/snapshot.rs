@@ -44,6 +44,8 @@ pub struct Snapshot {
     pub bots: BotDetector,
     /// Custom rules (`rules:`).
     pub rules: CustomRules,
+    /// The WAF, when a route runs it (compiled by `gateway::build`, after the rest).
+    pub waf: Option<Arc<crate::waf::Waf>>,
     /// Tenant quotas from quotas.yaml (empty without one).
     pub quotas: Arc<QuotaTable>,
     /// Files besides the main config this snapshot was read from (watched for changes).
@@ -375,6 +377,7 @@ pub fn compile(
                 flood: flood.unwrap_or_default(),
                 bots: bots.expect("checked above"),
                 rules: rules.expect("checked above"),
+                waf: None,
                 files: Vec::new(),
                 listeners: Vec::new(),
             })

@@ -218,6 +218,13 @@ pub async fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Pla
     if let Some(r) = gateway.flood_check(&snap, real_ip, binding.flood_id) {
         return Plan::Reject(Reject::Quota(r), rid);
     }
+    if let Some(route_waf) = snap.waf.as_deref().and_then(|w| w.route(route.index)) {
+        let verdict =
+            gateway.inspect_waf(&snap, route.index, route_waf, &request, real_ip, &rid, None);
+        if let Some(r) = verdict.refusal {
+            return Plan::Reject(r, rid);
+        }
+    }
     // The upgrade is authenticated like any request, before anything reaches the upstream.
     // A handshake has no body, so HMAC signatures here cover headers and query only.
     let identity = match &binding.auth {

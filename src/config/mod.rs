@@ -44,6 +44,7 @@ const SECTIONS: &[&str] = &[
     "ip_rules",
     "bots",
     "rules",
+    "waf",
     "upstreams",
     "routes",
 ];
@@ -218,6 +219,7 @@ fn parse(text: &str, errors: &mut Vec<Located>) -> Config {
             "ip_rules" => section(name, value, &mut config.ip_rules, errors),
             "bots" => section(name, value, &mut config.bots, errors),
             "rules" => section(name, value, &mut config.rules, errors),
+            "waf" => section(name, value, &mut config.waf, errors),
             "upstreams" => (config.upstreams, config.broken_upstreams) = upstreams(value, errors),
             "routes" => config.routes = routes(value, errors),
             other => errors.push(Located::Key(FieldError::new(
@@ -350,6 +352,7 @@ fn placeholder_route(i: usize) -> Route {
         ip_rules: None,
         bots: None,
         rules: true,
+        waf: None,
         block_page: BlockPage::Json,
     }
 }

@@ -78,6 +78,8 @@ pub struct Config {
     pub bots: crate::policy::bot::BotSettings,
     /// Custom rules: conditions on requests with block / log / tag actions.
     pub rules: Vec<crate::policy::rules::RuleSpec>,
+    /// The WAF (SecLang rules, the OWASP Core Rule Set by default).
+    pub waf: crate::waf::WafSettings,
     /// Upstreams in name order (the map is ordered so output and errors are stable).
     pub upstreams: BTreeMap<String, Upstream>,
     /// Routes in declared order; declared order is the last tie-breaker of routing precedence.
@@ -789,6 +791,9 @@ pub struct Route {
     /// `false`: the custom `rules:` do not apply to this route.
     #[serde(default = "default_true")]
     pub rules: bool,
+    /// This route's WAF mode, paranoia, threshold and exclusions (over the global `waf`).
+    #[serde(default)]
+    pub waf: Option<crate::waf::RouteWafSettings>,
     /// Body of the `403` that IP rules, bots and custom rules answer: `json` (default) or
     /// `html` (for routes browsers open).
     #[serde(default)]

@@ -1,0 +1,625 @@
+//! Running a [`Ruleset`] on one request: phase 1 on the head, the body's collections, phase 2.
+//!
+//! Per request this allocates the TX slots, a transformation cache (one `u32` per value and
+//! transformation chain, so a value is decoded once however many rules read it that way) and
+//! whatever the transformations produce. Rule state is never allocated: rules, targets and
+//! operators are shared, compiled data.
+
+use std::borrow::Cow;
+
+use super::compile::{
+    Assign, Ctl, Disruptive, Effect, EngineCtl, Link, Rule, Ruleset, Selector, Step, Target, TxName,
+};
+use super::macros::{Expand, Part};
+use super::operator::{atoi, Context};
+use super::request::{Head, List, Processor, Request, Scalar, Var};
+use super::transform::Transform;
+
+/// A route's view of the ruleset: what it presets, excludes, and whether it only detects.
+#[derive(Debug, Clone)]
+pub struct RouteWaf {
+    pub detect_only: bool,
+    /// TX variables set before phase 1 (`paranoia_level`, the threshold), by slot.
+    pub presets: Vec<(u16, Vec<u8>)>,
+    /// Rules this route never runs (exclusions by id or tag), by rule index.
+    pub removed: Vec<bool>,
+    /// Targets a rule ignores on this route, by rule index.
+    pub target_excludes: Vec<Vec<Target>>,
+    pub body_limit: usize,
+    pub score_slot: Option<u16>,
+}
+
+/// A rule that matched and logs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    pub id: u32,
+    pub msg: String,
+    /// `ARGS:q`
+    pub var: String,
+    /// The matched value, truncated; `***` for secret-looking names.
+    pub data: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// The rule whose `deny` refused the request (not set in detection-only mode).
+    pub blocked_by: Option<u32>,
+    /// Detection-only: the rule that would have refused it.
+    pub would_block: Option<u32>,
+    pub findings: Vec<Finding>,
+    /// `tx.anomaly_score` at the end.
+    pub score: i64,
+}
+
+/// Runs phases 1 and 2. `body`: what was read of the request body (None: no body).
+pub fn inspect(rs: &Ruleset, route: &RouteWaf, head: &Head<'_>, body: Option<&[u8]>) -> Outcome {
+    let mut t = Txn {
+        rs,
+        route,
+        req: Request::new(head),
+        tx: vec![None; rs.tx_names.len()],
+        tx_extra: Vec::new(),
+        matched_var: Vec::new(),
+        matched_var_name: Vec::new(),
+        matched_vars: Vec::new(),
+        rule_id: 0,
+        removed_ids: Vec::new(),
+        removed_tags: Vec::new(),
+        removed_targets: Vec::new(),
+        engine: if route.detect_only {
+            EngineCtl::DetectionOnly
+        } else {
+            EngineCtl::On
+        },
+        force_body: false,
+        processor: None,
+        out: Outcome::default(),
+    };
+    for (slot, v) in &route.presets {
+        t.tx[*slot as usize] = Some(v.clone());
+    }
+    let mut cache = Cache::new(rs.chains.len(), t.req.ids());
+    if t.run_phase(&mut cache, 0) {
+        if let Some(b) = body {
+            let p = t.processor.unwrap_or(t.req.processor);
+            t.req.add_body(b, p, t.force_body);
+            cache.invalidate_scalars();
+        }
+        t.run_phase(&mut cache, 1);
+    }
+    t.out.score = route
+        .score_slot
+        .and_then(|s| t.tx[s as usize].as_deref().map(atoi))
+        .unwrap_or(0);
+    t.out
+}
+
+struct Txn<'r, 'a> {
+    rs: &'r Ruleset,
+    route: &'r RouteWaf,
+    req: Request<'a>,
+    tx: Vec<Option<Vec<u8>>>,
+    /// TX variables whose names were made by macros.
+    tx_extra: Vec<(Vec<u8>, Vec<u8>)>,
+    matched_var: Vec<u8>,
+    matched_var_name: Vec<u8>,
+    /// MATCHED_VARS of the rule being run: (name, value).
+    matched_vars: Vec<(Vec<u8>, Vec<u8>)>,
+    rule_id: u32,
+    removed_ids: Vec<(u32, u32)>,
+    removed_tags: Vec<String>,
+    removed_targets: Vec<(RuleSel, Target)>,
+    engine: EngineCtl,
+    force_body: bool,
+    processor: Option<Processor>,
+    out: Outcome,
+}
+
+enum RuleSel {
+    Ids(u32, u32),
+    Tag(String),
+}
+
+/// Transformed values by (value id, chain): `UNSET`, `SAME` (the chain changed nothing) or an
+/// index into `arena`.
+struct Cache {
+    chains: usize,
+    idx: Vec<u32>,
+    arena: Vec<Vec<u8>>,
+}
+
+const UNSET: u32 = u32::MAX;
+const SAME: u32 = u32::MAX - 1;
+const SCALAR_IDS: usize = 16;
+
+impl Cache {
+    fn new(chains: usize, ids: usize) -> Cache {
+        Cache {
+            chains,
+            idx: vec![UNSET; chains * ids],
+            arena: Vec::new(),
+        }
+    }
+
+    /// Scalars (REQUEST_BODY, ARGS_COMBINED_SIZE, ...) change when the body is added.
+    fn invalidate_scalars(&mut self) {
+        let n = (SCALAR_IDS * self.chains).min(self.idx.len());
+        self.idx[..n].fill(UNSET);
+    }
+
+    fn get<'v>(&'v mut self, id: u32, chain: u16, v: &'v [u8], ts: &[Transform]) -> &'v [u8] {
+        let k = id as usize * self.chains + chain as usize;
+        if k >= self.idx.len() {
+            self.idx.resize((id as usize + 16) * self.chains, UNSET);
+        }
+        match self.idx[k] {
+            SAME => v,
+            UNSET => match apply_chain(v, ts) {
+                Cow::Borrowed(b) if b.as_ptr() == v.as_ptr() && b.len() == v.len() => {
+                    self.idx[k] = SAME;
+                    v
+                }
+                out => {
+                    self.arena.push(out.into_owned());
+                    self.idx[k] = (self.arena.len() - 1) as u32;
+                    &self.arena[self.arena.len() - 1]
+                }
+            },
+            i => &self.arena[i as usize],
+        }
+    }
+}
+
+fn apply_chain<'v>(v: &'v [u8], ts: &[Transform]) -> Cow<'v, [u8]> {
+    let mut cur = Cow::Borrowed(v);
+    for t in ts {
+        cur = match cur {
+            Cow::Borrowed(b) => t.apply(b),
+            Cow::Owned(o) => Cow::Owned(t.apply(&o).into_owned()),
+        };
+    }
+    cur
+}
+
+/// `f(var, key, value, cache id)` of [`Txn::for_each`].
+type Visit<'f, 's> = dyn FnMut(Var, &[u8], &'s [u8], Option<u32>) + 'f;
+
+struct Hit {
+    var: Var,
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
+fn same_var(excl: Var, var: Var) -> bool {
+    excl == var
+        || (excl == Var::Args && matches!(var, Var::ArgsGet | Var::ArgsPost))
+        || (excl == Var::ArgsNames && matches!(var, Var::ArgsGetNames | Var::ArgsPostNames))
+}
+
+impl Txn<'_, '_> {
+    fn tx_name(&self, slot: u16) -> &[u8] {
+        self.rs.tx_names[slot as usize].as_bytes()
+    }
+
+    fn selects(&self, t: &Target, key: &[u8]) -> bool {
+        match &t.sel {
+            Selector::All => true,
+            Selector::Key(k) => key.eq_ignore_ascii_case(k),
+            Selector::Regex(r) => r.is_match(key),
+            Selector::TxSlot(s) => key.eq_ignore_ascii_case(self.tx_name(*s)),
+        }
+    }
+
+    fn excluded(&self, ri: usize, link: &Link, var: Var, key: &[u8]) -> bool {
+        let hit = |t: &Target| same_var(t.var, var) && self.selects(t, key);
+        link.excludes.iter().any(hit)
+            || self.route.target_excludes[ri].iter().any(hit)
+            || (!self.removed_targets.is_empty() && {
+                let rule = &self.rs.rules[ri];
+                self.removed_targets.iter().any(|(sel, t)| {
+                    let applies = match sel {
+                        RuleSel::Ids(a, b) => (*a..=*b).contains(&rule.id),
+                        RuleSel::Tag(tag) => rule.tags.contains(tag),
+                    };
+                    applies && hit(t)
+                })
+            })
+    }
+
+    /// Calls `f(var, key, value, cache id)` for every value `t` selects.
+    fn for_each<'s>(&'s self, t: &Target, f: &mut Visit<'_, 's>) {
+        let var = t.var;
+        if let Some(s) = Scalar::of(var) {
+            f(var, b"", self.req.scalar(s), Some(s as u32));
+            return;
+        }
+        let one;
+        let lists: &[(List, bool)] = match var {
+            Var::Args => &[(List::ArgsGet, false), (List::ArgsPost, false)],
+            Var::ArgsNames => &[(List::ArgsGet, true), (List::ArgsPost, true)],
+            _ => match var.source() {
+                Some(s) => {
+                    one = [s];
+                    &one
+                }
+                None => &[],
+            },
+        };
+        for &(list, names) in lists {
+            for e in self.req.list(list) {
+                if !self.selects(t, &e.name) {
+                    continue;
+                }
+                if names {
+                    f(var, &e.name, &e.name, Some(e.id + 1));
+                } else {
+                    f(var, &e.name, &e.value, Some(e.id));
+                }
+            }
+        }
+        match var {
+            Var::Tx => match t.sel {
+                Selector::TxSlot(s) => {
+                    if let Some(v) = &self.tx[s as usize] {
+                        f(var, self.tx_name(s), v, None);
+                    }
+                }
+                _ => {
+                    for (s, v) in self.tx.iter().enumerate() {
+                        if let Some(v) = v {
+                            let name = self.tx_name(s as u16);
+                            if self.selects(t, name) {
+                                f(var, name, v, None);
+                            }
+                        }
+                    }
+                    for (n, v) in &self.tx_extra {
+                        if self.selects(t, n) {
+                            f(var, n, v, None);
+                        }
+                    }
+                }
+            },
+            Var::MatchedVar => f(var, b"", &self.matched_var, None),
+            Var::MatchedVarName => f(var, b"", &self.matched_var_name, None),
+            Var::MatchedVars => {
+                for (n, v) in &self.matched_vars {
+                    f(var, n, v, None);
+                }
+            }
+            Var::MatchedVarsNames => {
+                for (n, _) in &self.matched_vars {
+                    f(var, n, n, None);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Evaluates every link of rule `ri`; true when the whole chain matched.
+    fn eval_rule(&mut self, cache: &mut Cache, ri: usize) -> bool {
+        let rs = self.rs;
+        let rule = &rs.rules[ri];
+        self.matched_vars.clear();
+        self.rule_id = rule.id;
+        for link in &rule.links {
+            let mut hits: Vec<Hit> = Vec::new();
+            let mut caps: Vec<Vec<u8>> = Vec::new();
+            let mut captured = false;
+            {
+                let this = &*self;
+                let ts = &rs.chains[link.chain as usize];
+                for t in &link.targets {
+                    if t.count {
+                        let mut n = 0usize;
+                        this.for_each(t, &mut |var, key, _, _| {
+                            if !this.excluded(ri, link, var, key) {
+                                n += 1;
+                            }
+                        });
+                        let s = n.to_string();
+                        if link.op.eval(s.as_bytes(), this, None) {
+                            hits.push(Hit {
+                                var: t.var,
+                                key: Vec::new(),
+                                value: s.into_bytes(),
+                            });
+                        }
+                        continue;
+                    }
+                    this.for_each(t, &mut |var, key, value, id| {
+                        if this.excluded(ri, link, var, key) {
+                            return;
+                        }
+                        if link.multi_match {
+                            // The operator sees the value before and after each transformation.
+                            let mut cur: Cow<[u8]> = Cow::Borrowed(value);
+                            let mut stages = vec![cur.to_vec()];
+                            for tr in ts.iter() {
+                                cur = Cow::Owned(tr.apply(&cur).into_owned());
+                                if stages.last().map(Vec::as_slice) != Some(&cur[..]) {
+                                    stages.push(cur.to_vec());
+                                }
+                            }
+                            for s in stages {
+                                if link.op.eval(&s, this, None) {
+                                    hits.push(Hit {
+                                        var,
+                                        key: key.to_vec(),
+                                        value: s,
+                                    });
+                                }
+                            }
+                            return;
+                        }
+                        let v: Cow<[u8]> = match id {
+                            Some(id) if !ts.is_empty() => {
+                                Cow::Borrowed(cache.get(id, link.chain, value, ts))
+                            }
+                            _ => apply_chain(value, ts),
+                        };
+                        let want = link.capture.then_some(&mut caps);
+                        if link.op.eval(&v, this, want) {
+                            captured |= link.capture;
+                            hits.push(Hit {
+                                var,
+                                key: key.to_vec(),
+                                value: v.into_owned(),
+                            });
+                        }
+                    });
+                }
+            }
+            if hits.is_empty() {
+                return false;
+            }
+            if captured {
+                for (i, c) in caps.into_iter().enumerate().take(10) {
+                    self.tx[i] = Some(c);
+                }
+            }
+            for h in hits {
+                let mut name = h.var.name().as_bytes().to_vec();
+                if !h.key.is_empty() {
+                    name.push(b':');
+                    name.extend_from_slice(&h.key);
+                }
+                self.matched_var = h.value.clone();
+                self.matched_var_name = name.clone();
+                self.matched_vars.push((name, h.value));
+            }
+        }
+        true
+    }
+
+    fn removed(&self, ri: usize, rule: &Rule) -> bool {
+        self.route.removed[ri]
+            || self
+                .removed_ids
+                .iter()
+                .any(|&(a, b)| (a..=b).contains(&rule.id))
+            || (!self.removed_tags.is_empty()
+                && rule.tags.iter().any(|t| self.removed_tags.contains(t)))
+    }
+
+    /// Runs one phase; false when processing stops (a deny, `allow`, or the engine turned off).
+    fn run_phase(&mut self, cache: &mut Cache, p: usize) -> bool {
+        let rs = self.rs;
+        let steps = &rs.phases[p];
+        let mut i = 0;
+        while i < steps.len() {
+            let Step::Rule(ri) = steps[i] else {
+                i += 1;
+                continue;
+            };
+            let ri = ri as usize;
+            let rule = &rs.rules[ri];
+            if self.removed(ri, rule) || !self.eval_rule(cache, ri) {
+                i += 1;
+                continue;
+            }
+            for e in &rule.effects {
+                self.effect(e);
+            }
+            if self.engine == EngineCtl::Off {
+                return false;
+            }
+            if rule.log {
+                self.record(rule);
+            }
+            match rule.disruptive {
+                Disruptive::Deny if self.engine == EngineCtl::On => {
+                    self.out.blocked_by = Some(rule.id);
+                    return false;
+                }
+                Disruptive::Deny => {
+                    self.out.would_block.get_or_insert(rule.id);
+                }
+                Disruptive::Allow => return false,
+                Disruptive::Pass => {}
+            }
+            i = rule.jump.unwrap_or(i + 1 + rule.skip);
+        }
+        true
+    }
+
+    fn record(&mut self, rule: &Rule) {
+        let msg = rule
+            .msg
+            .as_ref()
+            .map(|m| String::from_utf8_lossy(&self.expand(m)).into_owned())
+            .unwrap_or_default();
+        let var = String::from_utf8_lossy(&self.matched_var_name).into_owned();
+        let data = if looks_secret(&var) {
+            "***".to_string()
+        } else {
+            printable(&self.matched_var, 64)
+        };
+        self.out.findings.push(Finding {
+            id: rule.id,
+            msg,
+            var,
+            data,
+        });
+    }
+
+    fn tx_slot_of(&self, name: &[u8]) -> Option<usize> {
+        self.rs
+            .tx_names
+            .iter()
+            .position(|n| n.as_bytes().eq_ignore_ascii_case(name))
+    }
+
+    fn tx_get(&self, name: &TxName) -> Option<Vec<u8>> {
+        match name {
+            TxName::Slot(s) => self.tx[*s as usize].clone(),
+            TxName::Dynamic(e) => {
+                let n = self.expand(e).to_ascii_lowercase();
+                match self.tx_slot_of(&n) {
+                    Some(s) => self.tx[s].clone(),
+                    None => self
+                        .tx_extra
+                        .iter()
+                        .find(|(k, _)| *k == n)
+                        .map(|(_, v)| v.clone()),
+                }
+            }
+        }
+    }
+
+    fn tx_put(&mut self, name: &TxName, v: Option<Vec<u8>>) {
+        match name {
+            TxName::Slot(s) => self.tx[*s as usize] = v,
+            TxName::Dynamic(e) => {
+                let n = self.expand(e).to_ascii_lowercase();
+                if let Some(s) = self.tx_slot_of(&n) {
+                    self.tx[s] = v;
+                    return;
+                }
+                self.tx_extra.retain(|(k, _)| *k != n);
+                if let Some(v) = v {
+                    self.tx_extra.push((n, v));
+                }
+            }
+        }
+    }
+
+    fn effect(&mut self, e: &Effect) {
+        match e {
+            Effect::Set { name, value, how } => {
+                let v = self.expand(value).into_owned();
+                let new = match how {
+                    Assign::Set => v,
+                    Assign::Add | Assign::Sub => {
+                        let cur = self.tx_get(name).map(|c| atoi(&c)).unwrap_or(0);
+                        let d = atoi(&v);
+                        let n = if *how == Assign::Add {
+                            cur + d
+                        } else {
+                            cur - d
+                        };
+                        n.to_string().into_bytes()
+                    }
+                };
+                self.tx_put(name, Some(new));
+            }
+            Effect::Unset(name) => self.tx_put(name, None),
+            Effect::Ctl(c) => match c {
+                Ctl::Engine(EngineCtl::On) => {}
+                Ctl::Engine(m) => {
+                    // A rule may relax the engine, never make a detect-only route block.
+                    if !(self.engine == EngineCtl::DetectionOnly && *m == EngineCtl::On) {
+                        self.engine = *m;
+                    }
+                }
+                Ctl::RemoveById(a, b) => self.removed_ids.push((*a, *b)),
+                Ctl::RemoveByTag(t) => self.removed_tags.push(t.clone()),
+                Ctl::RemoveTargetById(a, b, t) => {
+                    self.removed_targets.push((RuleSel::Ids(*a, *b), t.clone()))
+                }
+                Ctl::RemoveTargetByTag(tag, t) => self
+                    .removed_targets
+                    .push((RuleSel::Tag(tag.clone()), t.clone())),
+                Ctl::ForceBody => self.force_body = true,
+                Ctl::BodyProcessor(p) => self.processor = Some(*p),
+            },
+        }
+    }
+
+    fn first_value(&self, var: Var, key: Option<&str>) -> Vec<u8> {
+        let sel = match key {
+            Some(k) => Selector::Key(k.as_bytes().to_vec()),
+            None => Selector::All,
+        };
+        let t = Target {
+            var,
+            sel,
+            count: false,
+        };
+        let mut out = None;
+        self.for_each(&t, &mut |_, _, v, _| {
+            if out.is_none() {
+                out = Some(v.to_vec());
+            }
+        });
+        out.unwrap_or_default()
+    }
+}
+
+impl Context for Txn<'_, '_> {
+    fn expand<'e>(&self, e: &'e Expand) -> Cow<'e, [u8]> {
+        if let Some(l) = e.literal() {
+            return Cow::Borrowed(l);
+        }
+        let mut out = Vec::new();
+        for p in &e.parts {
+            match p {
+                Part::Lit(l) => out.extend_from_slice(l),
+                Part::Tx(s) => {
+                    if let Some(v) = &self.tx[*s as usize] {
+                        out.extend_from_slice(v);
+                    }
+                }
+                Part::Var(v, key) => out.extend(self.first_value(*v, key.as_deref())),
+                Part::RuleId => out.extend_from_slice(self.rule_id.to_string().as_bytes()),
+            }
+        }
+        Cow::Owned(out)
+    }
+}
+
+/// Argument and header names whose values must not reach logs.
+fn looks_secret(var: &str) -> bool {
+    let v = var.to_ascii_lowercase();
+    [
+        "pass",
+        "pwd",
+        "secret",
+        "token",
+        "authorization",
+        "cookie",
+        "session",
+        "key",
+        "signature",
+        "credential",
+    ]
+    .iter()
+    .any(|s| v.contains(s))
+}
+
+/// Up to `max` bytes, control characters and non-UTF-8 escaped.
+fn printable(v: &[u8], max: usize) -> String {
+    let cut = &v[..v.len().min(max)];
+    let mut s = String::new();
+    for c in String::from_utf8_lossy(cut).chars() {
+        if c.is_control() {
+            s.push_str(&format!("\\x{:02x}", c as u32 & 0xff));
+        } else {
+            s.push(c);
+        }
+    }
+    if v.len() > max {
+        s.push('…');
+    }
+    s
+}

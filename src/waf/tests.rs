@@ -1,0 +1,93 @@
+//! The engine on Debian's Core Rule Set: it loads, reports what it cannot run, and gives the
+//! verdicts CRS is written to give.
+
+use super::*;
+
+fn crs() -> Arc<Ruleset> {
+    ruleset(&default_rules(), Path::new("/")).expect("Debian's CRS loads")
+}
+
+fn route(rs: &Ruleset, paranoia: u8, detect: bool) -> RouteWaf {
+    let settings = WafSettings {
+        mode: if detect {
+            WafMode::Detect
+        } else {
+            WafMode::Block
+        },
+        paranoia,
+        ..Default::default()
+    };
+    let _ = rs;
+    let waf = compile(&settings, &[None], Path::new("/"))
+        .unwrap()
+        .unwrap();
+    waf.route(0).unwrap().clone()
+}
+
+fn check(target: &str, headers: &[(&str, &str)], body: Option<&str>) -> Outcome {
+    let rs = crs();
+    let r = route(&rs, 1, false);
+    let mut h = http::HeaderMap::new();
+    h.insert("host", "shop.example.com".parse().unwrap());
+    h.insert(
+        "user-agent",
+        "Mozilla/5.0 (X11; Linux x86_64) Firefox/120.0"
+            .parse()
+            .unwrap(),
+    );
+    h.insert("accept", "text/html".parse().unwrap());
+    for (k, v) in headers {
+        h.insert(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    let head = Head {
+        method: if body.is_some() { "POST" } else { "GET" },
+        target,
+        protocol: "HTTP/1.1",
+        headers: &h,
+        authority: None,
+        remote_addr: "203.0.113.9".into(),
+        unique_id: "t",
+    };
+    eval::inspect(&rs, &r, &head, body.map(str::as_bytes))
+}
+
+#[test]
+fn debian_crs_loads_and_reports_what_it_cannot_run() {
+    let rs = crs();
+    for u in &rs.unsupported {
+        eprintln!("{u}");
+    }
+    for n in &rs.notes {
+        eprintln!("note: {n}");
+    }
+    eprintln!("{} rules, {} not run", rs.rules.len(), rs.unsupported.len());
+    assert!(rs.rules.len() > 400, "{}", rs.rules.len());
+    assert!(rs.unsupported.len() <= 10, "{:?}", rs.unsupported);
+}
+
+#[test]
+fn benign_requests_pass_and_attacks_are_refused() {
+    let ok = check("/search?q=shoes&page=2&sort=price", &[], None);
+    assert_eq!(ok.blocked_by, None, "{:?}", ok.findings);
+    let sqli = check("/search?q=1%27%20OR%20%271%27%3D%271&page=2", &[], None);
+    assert_eq!(sqli.blocked_by, Some(949110), "{:?}", sqli.findings);
+    let xss = check("/c?comment=%3Cscript%3Ealert(1)%3C%2Fscript%3E", &[], None);
+    assert_eq!(xss.blocked_by, Some(949110), "{:?}", xss.findings);
+    let lfi = check("/f?file=../../../../etc/passwd", &[], None);
+    assert_eq!(lfi.blocked_by, Some(949110), "{:?}", lfi.findings);
+    let json = check(
+        "/api",
+        &[("content-type", "application/json")],
+        Some(r#"{"name":"x","q":"1 union select password from users--"}"#),
+    );
+    assert_eq!(json.blocked_by, Some(949110), "{:?}", json.findings);
+    let fine = check(
+        "/api",
+        &[("content-type", "application/json")],
+        Some(r#"{"name":"O'Reilly","city":"Zürich","n":3}"#),
+    );
+    assert_eq!(fine.blocked_by, None, "{:?}", fine.findings);
+}
