@@ -24,7 +24,8 @@ use crate::policy::auth::ConsumerTable;
 use crate::policy::flood::{self, FloodGuard};
 use crate::policy::quota::cluster::ClusterStore;
 use crate::policy::quota::{QuotaState, QuotaTable};
-use crate::snapshot::{self, Snapshot};
+use crate::policy::verify::{Verdict, VerifyState};
+use crate::snapshot::{self, Screen, Snapshot};
 use crate::tunnel::TunnelRegistry;
 use crate::upstream::Registry;
 
@@ -51,6 +52,8 @@ pub struct Gateway {
     pub cluster: Arc<ClusterStore>,
     /// Flood protection's counting windows and blocks: they outlive reloads.
     pub flood: FloodGuard,
+    /// Crawler verification's per-IP DNS cache and resolver: they outlive reloads.
+    pub bot_verify: VerifyState,
     config_path: PathBuf,
     /// The config this process started with: listeners, admin and server settings are bound at
     /// start and only change through a binary upgrade.
@@ -74,6 +77,9 @@ pub struct Screening {
     pub found: Option<String>,
     /// `X-Tollgate-Tags` for the upstream.
     pub tags: Option<String>,
+    /// The User-Agent claims verifiable crawler N and nothing was decided yet: verify it by
+    /// DNS and screen again with the verdict ([`Gateway::screen_verified`] does both).
+    pub verify: Option<usize>,
 }
 
 /// What `/status` reports.
@@ -370,6 +376,7 @@ impl Gateway {
             registries,
             cluster,
             flood: FloodGuard::new(),
+            bot_verify: VerifyState::new(metrics.bot_verifications.clone()),
             metrics,
             access_log,
             tunnels,
@@ -564,16 +571,37 @@ impl Gateway {
         }
     }
 
+    /// [`Self::screen`], with the DNS verification of a claimed crawler in between: the async
+    /// step of screening, which only requests whose User-Agent claims a verifiable crawler
+    /// take (at most `bots.verify_timeout`, usually a cache hit). Runs right after routing.
+    pub async fn screen_verified(
+        &self,
+        snap: &Snapshot,
+        index: usize,
+        client: Option<std::net::IpAddr>,
+        req: &pingora_http::RequestHeader,
+    ) -> Screening {
+        let first = self.screen(snap, index, client, req, None);
+        let (Some(crawler), Some(ip)) = (first.verify, client) else {
+            return first;
+        };
+        let verdict = self.bot_verify.verify(&snap.bots.verify, crawler, ip).await;
+        self.screen(snap, index, client, req, Some((crawler, verdict)))
+    }
+
     /// IP rules, bot detection and custom rules for a request on route `index`: the refusal
     /// to answer, if any, what was found for the access log (`bot:sqlmap`, `ip:deny`,
-    /// `rule:ID`), and the tags for the upstream. Detect mode and `log` rules find without
-    /// refusing. Counted per route, category, rule and action. Allocates only on a finding.
+    /// `rule:ID`, `bot:googlebot:verified`), and the tags for the upstream. Detect mode and
+    /// `log` rules find without refusing. Counted per route, category, rule and action.
+    /// Allocates only on a finding. `verdict`: what DNS said about the crawler a previous call
+    /// asked to verify (`Screening::verify`); with None such a call stops there.
     pub fn screen(
         &self,
         snap: &Snapshot,
         index: usize,
         client: Option<std::net::IpAddr>,
         req: &pingora_http::RequestHeader,
+        verdict: Option<(usize, Verdict)>,
     ) -> Screening {
         let route = snap.router.routes()[index].name.as_str();
         let count = |category: &str, rule: &str, action: &str| {
@@ -583,21 +611,38 @@ impl Gateway {
                 .inc()
         };
         let mut out = Screening::default();
-        if let Some(s) = snap.screen(index, client, &req.headers) {
-            count(
-                s.category,
-                s.rule,
-                if s.detect_only { "detected" } else { "blocked" },
-            );
-            out.found = Some(format!("{}:{}", s.category, s.rule));
-            if !s.detect_only {
-                out.refusal = Some(crate::respond::Reject::Forbidden(s.code));
+        let mut found: Vec<String> = Vec::new();
+        if let Some((crawler, v @ (Verdict::Verified | Verdict::Error))) = verdict {
+            let name = &snap.bots.verify.crawlers[crawler].name;
+            let what = if v == Verdict::Verified {
+                "verified"
+            } else {
+                "unverified"
+            };
+            found.push(format!("bot:{name}:{what}"));
+        }
+        match snap.screen(index, client, &req.headers, verdict) {
+            Screen::Verify(crawler) => {
+                out.verify = Some(crawler);
                 return out;
             }
+            Screen::Hit(s) => {
+                count(
+                    s.category,
+                    s.rule,
+                    if s.detect_only { "detected" } else { "blocked" },
+                );
+                found.push(format!("{}:{}", s.category, s.rule));
+                if !s.detect_only {
+                    out.refusal = Some(crate::respond::Reject::Forbidden(s.code));
+                    out.found = Some(found.join(","));
+                    return out;
+                }
+            }
+            Screen::Pass => {}
         }
         let head = crate::router::RequestHead::from_parts(req);
         let verdict = snap.evaluate_rules(index, &head, client);
-        let mut found: Vec<String> = out.found.take().into_iter().collect();
         for id in &verdict.matched {
             count("rule", id, "matched");
             found.push(format!("rule:{id}"));
@@ -742,6 +787,9 @@ impl Gateway {
             }
         }
         self.flood.sweep(Instant::now());
+        self.metrics
+            .bot_verify_cached
+            .set(self.bot_verify.len() as i64);
         self.metrics
             .flood_blocked_ips
             .set(self.flood.blocked_len() as i64);

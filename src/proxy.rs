@@ -424,7 +424,8 @@ impl ProxyHttp for Proxy {
         });
         let screening = self
             .gateway
-            .screen(&snap, index, ctx.real_ip, session.req_header());
+            .screen_verified(&snap, index, ctx.real_ip, session.req_header())
+            .await;
         ctx.screened = screening.found;
         if let Some(r) = screening.refusal {
             return self.reject(session, ctx, r).await;

@@ -22,7 +22,7 @@ pub enum Reject {
     /// A tenant quota refused the request (see `policy::quota`).
     Quota(QuotaRefusal),
     /// The IP rules or bot detection refused the request: `ip_denied`, `ip_not_allowed`,
-    /// `bot_blocked`.
+    /// `bot_blocked`, `bot_fake`.
     Forbidden(&'static str),
 }
 
@@ -130,6 +130,7 @@ impl Reject {
                 "blocked_by_rule" => "the request was refused by a gateway rule",
                 "challenge_required" => "this page needs a browser with JavaScript",
                 "waf_blocked" => "the request was refused by the web application firewall",
+                "bot_fake" => "this client claims to be a crawler it is not",
                 _ => "automated clients of this kind are refused",
             },
             Reject::Quota(q) => match q.code {

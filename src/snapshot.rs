@@ -18,6 +18,7 @@ use crate::policy::flood::FloodPolicy;
 use crate::policy::ip_rules::{IpRules, IpVerdict};
 use crate::policy::quota::{QuotaPolicy, QuotaTable};
 use crate::policy::rules::CustomRules;
+use crate::policy::verify::Verdict;
 use crate::router::{Action, Router};
 use crate::upstream::{Registry, SubsetId, Upstream};
 
@@ -90,28 +91,46 @@ fn unix_now() -> u64 {
 /// A request the IP rules or bot detection refuse (or, in `detect` mode, would refuse).
 #[derive(Debug, Clone, Copy)]
 pub struct Screened<'a> {
-    /// `ip_denied`, `ip_not_allowed` or `bot_blocked`.
+    /// `ip_denied`, `ip_not_allowed`, `bot_blocked` or `bot_fake`.
     pub code: &'static str,
     /// `ip` or `bot`.
     pub category: &'static str,
-    /// The bot rule (`sqlmap`, `deny[0]`, `empty`) or the IP list (`deny`, `allow`).
+    /// The bot rule (`sqlmap`, `deny[0]`, `empty`, `googlebot:fake`) or the IP list (`deny`,
+    /// `allow`).
     pub rule: &'a str,
     /// `bots.mode: detect`: log and count, let it pass.
     pub detect_only: bool,
 }
 
+/// What [`Snapshot::screen`] found.
+#[derive(Debug, Clone, Copy)]
+pub enum Screen<'a> {
+    /// Nothing objects.
+    Pass,
+    /// Refused (or, in detect mode, found).
+    Hit(Screened<'a>),
+    /// The User-Agent claims verifiable crawler N (`bots.verify`): verify by DNS, then screen
+    /// again with the verdict. Nothing else was decided yet.
+    Verify(usize),
+}
+
+/// The refusal code of a request whose User-Agent claims a crawler its DNS disowns.
+pub const BOT_FAKE: &str = "bot_fake";
+
 impl Snapshot {
     /// IP rules, then bots, for a request on route `index` (checked before flood protection
-    /// and authentication). None: nothing objects.
+    /// and authentication). `verdict`: what DNS said about the crawler the User-Agent claims
+    /// (from a previous [`Screen::Verify`]).
     pub fn screen(
         &self,
         index: usize,
         client: Option<std::net::IpAddr>,
         headers: &http::HeaderMap,
-    ) -> Option<Screened<'_>> {
+        verdict: Option<(usize, Verdict)>,
+    ) -> Screen<'_> {
         let b = &self.bindings[index];
         if let Some(v) = client.and_then(|ip| b.ip_rules.check(ip)) {
-            return Some(Screened {
+            return Screen::Hit(Screened {
                 code: v.code(),
                 category: "ip",
                 rule: match v {
@@ -122,15 +141,46 @@ impl Snapshot {
             });
         }
         if b.bot_mode == BotMode::Off {
-            return None;
+            return Screen::Pass;
         }
         let ua = headers.get(http::header::USER_AGENT).map(|v| v.as_bytes());
+        let detect_only = b.bot_mode == BotMode::Detect;
+        match verdict {
+            // Without the client's address there is nothing to verify: an ordinary request.
+            None if client.is_some() => {
+                if let Some(crawler) = self.bots.claim(ua) {
+                    return Screen::Verify(crawler);
+                }
+            }
+            Some((_, Verdict::Verified)) => {
+                // Exempt from the built-in categories and the challenge; not from `deny`.
+                return match ua.and_then(|ua| self.bots.denied(ua)) {
+                    Some(hit) => Screen::Hit(Screened {
+                        code: "bot_blocked",
+                        category: "bot",
+                        rule: hit.rule,
+                        detect_only,
+                    }),
+                    None => Screen::Pass,
+                };
+            }
+            Some((crawler, Verdict::Fake)) => {
+                return Screen::Hit(Screened {
+                    code: BOT_FAKE,
+                    category: "bot",
+                    rule: &self.bots.verify.crawlers[crawler].fake_rule,
+                    detect_only,
+                });
+            }
+            // Unverified: screened like any other request with this User-Agent.
+            Some((_, Verdict::Error)) | None => {}
+        }
         if let Some(hit) = self.bots.check(ua) {
-            return Some(Screened {
+            return Screen::Hit(Screened {
                 code: "bot_blocked",
                 category: "bot",
                 rule: hit.rule,
-                detect_only: b.bot_mode == BotMode::Detect,
+                detect_only,
             });
         }
         if b.bot_mode == BotMode::Challenge && !self.bots.allowed(ua) {
@@ -138,7 +188,7 @@ impl Snapshot {
             let passed = crate::policy::challenge::cookie(headers, &c.cookie)
                 .is_some_and(|v| c.verify(v, unix_now(), client, ua.unwrap_or_default()));
             if !passed {
-                return Some(Screened {
+                return Screen::Hit(Screened {
                     code: CHALLENGE_REQUIRED,
                     category: "bot",
                     rule: "challenge",
@@ -146,7 +196,7 @@ impl Snapshot {
                 });
             }
         }
-        None
+        Screen::Pass
     }
 
     /// The challenge page for a client that has no valid cookie yet.

@@ -210,7 +210,9 @@ pub async fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Pla
         .ip
         .map(|peer| snap.client_ip.client_ip(peer, &request.headers));
     // Inspected before the upgrade: a refused handshake never reaches the upstream.
-    let screening = gateway.screen(&snap, route.index, real_ip, &request);
+    let screening = gateway
+        .screen_verified(&snap, route.index, real_ip, &request)
+        .await;
     if let Some(r) = screening.refusal {
         return Plan::Reject(r, rid);
     }

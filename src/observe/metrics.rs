@@ -42,6 +42,10 @@ pub struct Metrics {
     pub flood_blocked_ips: IntGauge,
     /// Requests the IP rules or bot detection refused (or would have, in detect mode).
     pub screened: IntCounterVec,
+    /// Crawler verifications by DNS (cache misses), by crawler and result.
+    pub bot_verifications: IntCounterVec,
+    /// Client IPs in the crawler verification cache (refreshed at scrape).
+    pub bot_verify_cached: IntGauge,
     /// TLS handshakes by result, resolved once (a handshake only increments).
     pub tls_handshakes: TlsHandshakes,
     /// notAfter of each served certificate (Unix seconds), by listener, file and first name.
@@ -217,9 +221,24 @@ impl Metrics {
             &["route", "category", "rule", "action"],
         )
         .expect("valid metric");
+        let bot_verifications = IntCounterVec::new(
+            Opts::new(
+                "tollgate_bot_verifications_total",
+                "Reverse-and-forward DNS verifications of claimed crawlers (cache misses), by bot and result (verified, fake, error)",
+            ),
+            &["bot", "result"],
+        )
+        .expect("valid metric");
+        let bot_verify_cached = IntGauge::new(
+            "tollgate_bot_verify_cache_entries",
+            "Client IPs whose crawler verification is cached",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(draining.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(screened.clone()),
+            Box::new(bot_verifications.clone()),
+            Box::new(bot_verify_cached.clone()),
             Box::new(tls_handshakes_vec.clone()),
             Box::new(tls_cert_not_after.clone()),
             Box::new(flood_refused.clone()),
@@ -266,6 +285,8 @@ impl Metrics {
             flood_blocks,
             flood_blocked_ips,
             screened,
+            bot_verifications,
+            bot_verify_cached,
             tls_handshakes,
             tls_cert_not_after,
         }

@@ -12,6 +12,7 @@ use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use regex::bytes::{Regex, RegexSet};
 use serde::Deserialize;
 
+use crate::config::units::Dur;
 use crate::config::{error, FieldError};
 
 const BUILTIN: &str = include_str!("bots.txt");
@@ -37,6 +38,18 @@ pub struct BotSettings {
     /// The browser challenge of `bots: challenge` routes.
     #[serde(default)]
     pub challenge: super::challenge::ChallengeSettings,
+    /// Crawlers verified by reverse-and-forward DNS (`verify.rs`). Not set: Google, Bing,
+    /// Apple, Yandex, Baidu; `[]`: no verification.
+    #[serde(default = "super::verify::default_verify")]
+    pub verify: Vec<super::verify::VerifyRule>,
+    #[serde(default)]
+    pub verify_cache: super::verify::VerifyCacheSettings,
+    /// How long a claiming request waits for DNS at most; then it is unverified.
+    #[serde(default = "super::verify::default_verify_timeout")]
+    pub verify_timeout: Dur,
+    /// The DNS server for verification (`IP:PORT`, UDP). Default: /etc/resolv.conf's.
+    #[serde(default)]
+    pub resolver: Option<String>,
 }
 
 impl Default for BotSettings {
@@ -48,6 +61,10 @@ impl Default for BotSettings {
             allow: Vec::new(),
             block_empty: false,
             challenge: Default::default(),
+            verify: super::verify::default_verify(),
+            verify_cache: Default::default(),
+            verify_timeout: super::verify::default_verify_timeout(),
+            resolver: None,
         }
     }
 }
@@ -112,6 +129,8 @@ pub struct BotDetector {
     block_empty: bool,
     pub mode: BotMode,
     pub challenge: super::challenge::Challenge,
+    /// Verified crawlers (`bots.verify`).
+    pub verify: super::verify::Verifier,
 }
 
 impl Default for BotDetector {
@@ -163,7 +182,16 @@ impl BotDetector {
             super::challenge::Challenge::compile(&error::join(path, "challenge"), &s.challenge)
                 .map_err(|e| errors.extend(e))
                 .ok();
-        let Some(challenge) = challenge.filter(|_| errors.is_empty()) else {
+        let verify = super::verify::Verifier::compile(
+            path,
+            &s.verify,
+            &s.verify_cache,
+            s.verify_timeout,
+            s.resolver.as_deref(),
+        )
+        .map_err(|e| errors.extend(e))
+        .ok();
+        let (Some(challenge), Some(verify)) = (challenge, verify) else {
             return Err(errors);
         };
         if !errors.is_empty() {
@@ -179,6 +207,7 @@ impl BotDetector {
             block_empty: s.block_empty,
             mode: s.mode,
             challenge,
+            verify,
         })
     }
 
@@ -186,6 +215,31 @@ impl BotDetector {
     /// browser challenge).
     pub fn allowed(&self, user_agent: Option<&[u8]>) -> bool {
         user_agent.is_some_and(|ua| self.allow_any.as_ref().is_some_and(|r| r.is_match(ua)))
+    }
+
+    /// The verifiable crawler this User-Agent claims to be (`bots.verify`), unless `allow`
+    /// lets it through anyway.
+    pub fn claim(&self, user_agent: Option<&[u8]>) -> Option<usize> {
+        let ua = user_agent?;
+        let crawler = self.verify.claim(ua)?;
+        (!self.allowed(Some(ua))).then_some(crawler)
+    }
+
+    /// The `deny` pattern that refuses this User-Agent, if any: what a verified crawler still
+    /// answers to (the operator's own word beats the exemption).
+    pub fn denied(&self, user_agent: &[u8]) -> Option<BotHit<'_>> {
+        if self
+            .deny_any
+            .as_ref()
+            .is_some_and(|r| r.is_match(user_agent))
+        {
+            if let Some(i) = self.deny.matches(user_agent).iter().next() {
+                return Some(BotHit {
+                    rule: &self.deny_names[i],
+                });
+            }
+        }
+        None
     }
 
     /// The rule that refuses this User-Agent, if any.

@@ -9,3 +9,4 @@ pub mod flood;
 pub mod ip_rules;
 pub mod quota;
 pub mod rules;
+pub mod verify;
