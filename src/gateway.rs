@@ -735,7 +735,7 @@ impl Gateway {
                 .blocked_by
                 .map(|_| crate::respond::Reject::Forbidden("waf_blocked")),
             found: Some(format!("waf:{}", ids.join(","))),
-            tags: None,
+            ..Screening::default()
         }
     }
 

@@ -75,8 +75,9 @@ pub struct Rule {
     skip_after: Option<String>,
     /// `skip:N`.
     pub skip: usize,
-    /// Every link's `setvar`s and `ctl`s, run in order once the whole chain matched.
-    pub effects: Vec<Effect>,
+    /// Reads and writes only TX: the same outcome for every request of a route, so it can run
+    /// once at load (see `eval::start`).
+    pub tx_only: bool,
 }
 
 #[derive(Debug)]
@@ -89,6 +90,9 @@ pub struct Link {
     pub chain: u16,
     pub capture: bool,
     pub multi_match: bool,
+    /// This link's `setvar`s and `ctl`s, run as soon as the link matches, before the next link
+    /// is evaluated (libmodsecurity's order; CRS 920420 relies on it).
+    pub effects: Vec<Effect>,
 }
 
 #[derive(Debug, Clone)]
@@ -158,7 +162,7 @@ pub enum EngineCtl {
 
 /// Reads and compiles rule files (globs allowed in the file name), in order.
 pub fn load(paths: &[String], base: &Path) -> Result<Ruleset, Vec<SyntaxError>> {
-    let mut b = Builder::default();
+    let mut b = Builder::new();
     for p in paths {
         let path = base.join(p);
         let files = expand_glob(&path).map_err(|m| {
@@ -177,7 +181,7 @@ pub fn load(paths: &[String], base: &Path) -> Result<Ruleset, Vec<SyntaxError>> 
 
 /// Compiles rules given as text (tests and benchmarks).
 pub fn load_text(name: &str, text: &str) -> Result<Ruleset, Vec<SyntaxError>> {
-    let mut b = Builder::default();
+    let mut b = Builder::new();
     let path = PathBuf::from(name);
     let d = seclang::parse(&path, text).map_err(|e| vec![e])?;
     b.files.push(path);
@@ -271,6 +275,15 @@ enum Removal {
 }
 
 impl Builder {
+    /// TX slots 0..=9 are the captures (`TX:0` ... `TX:9`).
+    fn new() -> Builder {
+        let mut b = Builder::default();
+        for i in 0..10 {
+            b.intern_tx(&i.to_string());
+        }
+        b
+    }
+
     fn note(&mut self, n: impl Into<String>) {
         let n = n.into();
         if !self.notes.contains(&n) {
@@ -568,7 +581,7 @@ impl Builder {
                         jump: None,
                         skip_after: None,
                         skip: 0,
-                        effects: Vec::new(),
+                        tx_only: false,
                     },
                     expects_link: false,
                 }
@@ -579,6 +592,7 @@ impl Builder {
         let mut transforms = Vec::new();
         let mut capture = false;
         let mut multi_match = false;
+        let mut effects = Vec::new();
         for a in &acts {
             let v = a.value.as_deref().unwrap_or("");
             let r: Result<(), String> = (|| {
@@ -638,11 +652,11 @@ impl Builder {
                     }
                     "setvar" => {
                         if let Some(e) = self.setvar(v)? {
-                            pending.rule.effects.push(e);
+                            effects.push(e);
                         }
                     }
                     "ctl" => match self.ctl(v) {
-                        Ok(Some(c)) => pending.rule.effects.push(Effect::Ctl(c)),
+                        Ok(Some(c)) => effects.push(Effect::Ctl(c)),
                         Ok(None) => {}
                         Err(reason) => {
                             pending.broken.get_or_insert(reason);
@@ -682,11 +696,15 @@ impl Builder {
                 chain: chain_id,
                 capture,
                 multi_match,
+                effects: Vec::new(),
             }),
             Some((vars, op)) => self.link(&d.file, vars, op, chain_id, capture, multi_match),
         };
         match link {
-            Ok(l) => pending.rule.links.push(l),
+            Ok(mut l) => {
+                l.effects = effects;
+                pending.rule.links.push(l);
+            }
             Err(LinkError::Syntax(m)) => return Err(syn(m)),
             Err(LinkError::Unsupported(m)) => {
                 pending.broken.get_or_insert(m);
@@ -743,6 +761,7 @@ impl Builder {
             chain,
             capture,
             multi_match,
+            effects: Vec::new(),
         })
     }
 
@@ -993,6 +1012,9 @@ impl Builder {
                 }
             }
         }
+        for rule in &mut self.rules {
+            rule.tx_only = tx_only(rule);
+        }
         let mut phases: [Vec<Step>; 2] = [Vec::new(), Vec::new()];
         let mut markers: [Vec<(usize, String)>; 2] = [Vec::new(), Vec::new()];
         let mut positions = vec![(0usize, 0usize); self.rules.len()];
@@ -1033,6 +1055,40 @@ impl Builder {
             files: self.files,
         })
     }
+}
+
+fn tx_only(rule: &Rule) -> bool {
+    use super::macros::Part;
+    let expand_ok = |e: &Expand| {
+        e.parts
+            .iter()
+            .all(|p| matches!(p, Part::Lit(_) | Part::Tx(_)))
+    };
+    let op_ok = |k: &Kind| match k {
+        Kind::Unconditional | Kind::NoMatch | Kind::Rx(_) | Kind::Pm(_) => true,
+        Kind::StrEq(e)
+        | Kind::Contains(e)
+        | Kind::BeginsWith(e)
+        | Kind::EndsWith(e)
+        | Kind::Within(e)
+        | Kind::Num(_, e) => expand_ok(e),
+        _ => false,
+    };
+    rule.links.iter().all(|l| {
+        let unconditional = matches!(l.op.kind, Kind::Unconditional) && !l.op.negated;
+        (unconditional || l.targets.iter().all(|t| t.var == Var::Tx))
+            && l.excludes.is_empty()
+            && !l.capture
+            && !l.multi_match
+            && op_ok(&l.op.kind)
+            && l.effects.iter().all(|e| match e {
+                Effect::Set { name, value, .. } => {
+                    expand_ok(value) && matches!(name, TxName::Slot(_))
+                }
+                Effect::Unset(TxName::Slot(_)) => true,
+                _ => false,
+            })
+    })
 }
 
 enum DirectiveError {

@@ -19,8 +19,8 @@ use super::transform::Transform;
 #[derive(Debug, Clone)]
 pub struct RouteWaf {
     pub detect_only: bool,
-    /// TX variables set before phase 1 (`paranoia_level`, the threshold), by slot.
-    pub presets: Vec<(u16, Vec<u8>)>,
+    /// TX variables and the first step after the static setup rules (see [`start`]).
+    pub start: Start,
     /// Rules this route never runs (exclusions by id or tag), by rule index.
     pub removed: Vec<bool>,
     /// Targets a rule ignores on this route, by rule index.
@@ -53,39 +53,21 @@ pub struct Outcome {
 
 /// Runs phases 1 and 2. `body`: what was read of the request body (None: no body).
 pub fn inspect(rs: &Ruleset, route: &RouteWaf, head: &Head<'_>, body: Option<&[u8]>) -> Outcome {
-    let mut t = Txn {
-        rs,
-        route,
-        req: Request::new(head),
-        tx: vec![None; rs.tx_names.len()],
-        tx_extra: Vec::new(),
-        matched_var: Vec::new(),
-        matched_var_name: Vec::new(),
-        matched_vars: Vec::new(),
-        rule_id: 0,
-        removed_ids: Vec::new(),
-        removed_tags: Vec::new(),
-        removed_targets: Vec::new(),
-        engine: if route.detect_only {
-            EngineCtl::DetectionOnly
-        } else {
-            EngineCtl::On
-        },
-        force_body: false,
-        processor: None,
-        out: Outcome::default(),
-    };
-    for (slot, v) in &route.presets {
-        t.tx[*slot as usize] = Some(v.clone());
-    }
+    let mut t = Txn::new(rs, route, Request::new(head));
+    t.tx = route
+        .start
+        .tx
+        .iter()
+        .map(|v| v.as_deref().map(Cow::Borrowed))
+        .collect();
     let mut cache = Cache::new(rs.chains.len(), t.req.ids());
-    if t.run_phase(&mut cache, 0) {
+    if t.run_phase(&mut cache, 0, route.start.step) {
         if let Some(b) = body {
             let p = t.processor.unwrap_or(t.req.processor);
             t.req.add_body(b, p, t.force_body);
             cache.invalidate_scalars();
         }
-        t.run_phase(&mut cache, 1);
+        t.run_phase(&mut cache, 1, 0);
     }
     t.out.score = route
         .score_slot
@@ -94,11 +76,71 @@ pub fn inspect(rs: &Ruleset, route: &RouteWaf, head: &Head<'_>, body: Option<&[u
     t.out
 }
 
+/// Where every request of a route starts: the TX variables after the leading rules that read
+/// and write only TX (CRS's setup and defaults, 20-odd rules), and the phase-1 step after
+/// them. Those rules give the same result for every request, so they run once, here.
+#[derive(Debug, Clone, Default)]
+pub struct Start {
+    pub tx: Vec<Option<Vec<u8>>>,
+    pub step: usize,
+}
+
+/// Runs the static prefix of phase 1 for a route with these TX presets.
+pub fn start(rs: &Ruleset, route: &RouteWaf, presets: &[(u16, Vec<u8>)]) -> Start {
+    let headers = http::HeaderMap::new();
+    let head = Head {
+        method: "GET",
+        target: "/",
+        protocol: "HTTP/1.1",
+        headers: &headers,
+        authority: None,
+        remote_addr: String::new(),
+        unique_id: "",
+    };
+    let mut t = Txn::new(rs, route, Request::new(&head));
+    t.tx = vec![None; rs.tx_names.len()];
+    for (slot, v) in presets {
+        t.tx[*slot as usize] = Some(Cow::Owned(v.clone()));
+    }
+    let mut cache = Cache::new(rs.chains.len(), t.req.ids());
+    let steps = &rs.phases[0];
+    let mut i = 0;
+    while i < steps.len() {
+        let ri = match steps[i] {
+            Step::Marker => {
+                i += 1;
+                continue;
+            }
+            Step::Rule(ri) => ri as usize,
+        };
+        let rule = &rs.rules[ri];
+        if !rule.tx_only || route.removed[ri] {
+            break;
+        }
+        let before = t.tx.clone();
+        i = if t.eval_rule(&mut cache, ri) {
+            if rule.disruptive != Disruptive::Pass || rule.log {
+                // It acts on every request (901001 refuses a CRS without setup): leave it to them.
+                t.tx = before;
+                break;
+            }
+            rule.jump.unwrap_or(i + 1 + rule.skip)
+        } else {
+            i + 1
+        };
+    }
+    Start {
+        tx: t.tx.into_iter().map(|v| v.map(Cow::into_owned)).collect(),
+        step: i,
+    }
+}
+
 struct Txn<'r, 'a> {
     rs: &'r Ruleset,
     route: &'r RouteWaf,
     req: Request<'a>,
-    tx: Vec<Option<Vec<u8>>>,
+    /// Borrowed from the route's precomputed start, owned once a rule sets them.
+    tx: Vec<Option<Cow<'r, [u8]>>>,
     /// TX variables whose names were made by macros.
     tx_extra: Vec<(Vec<u8>, Vec<u8>)>,
     matched_var: Vec<u8>,
@@ -194,6 +236,33 @@ fn same_var(excl: Var, var: Var) -> bool {
     excl == var
         || (excl == Var::Args && matches!(var, Var::ArgsGet | Var::ArgsPost))
         || (excl == Var::ArgsNames && matches!(var, Var::ArgsGetNames | Var::ArgsPostNames))
+}
+
+impl<'r, 'a> Txn<'r, 'a> {
+    fn new(rs: &'r Ruleset, route: &'r RouteWaf, req: Request<'a>) -> Txn<'r, 'a> {
+        Txn {
+            rs,
+            route,
+            req,
+            tx: Vec::new(),
+            tx_extra: Vec::new(),
+            matched_var: Vec::new(),
+            matched_var_name: Vec::new(),
+            matched_vars: Vec::new(),
+            rule_id: 0,
+            removed_ids: Vec::new(),
+            removed_tags: Vec::new(),
+            removed_targets: Vec::new(),
+            engine: if route.detect_only {
+                EngineCtl::DetectionOnly
+            } else {
+                EngineCtl::On
+            },
+            force_body: false,
+            processor: None,
+            out: Outcome::default(),
+        }
+    }
 }
 
 impl Txn<'_, '_> {
@@ -317,12 +386,13 @@ impl Txn<'_, '_> {
                                 n += 1;
                             }
                         });
-                        let s = n.to_string();
-                        if link.op.eval(s.as_bytes(), this, None) {
+                        let mut buf = [0u8; 20];
+                        let s = decimal(n, &mut buf);
+                        if link.op.eval(s, this, None) {
                             hits.push(Hit {
                                 var: t.var,
                                 key: Vec::new(),
-                                value: s.into_bytes(),
+                                value: s.to_vec(),
                             });
                         }
                         continue;
@@ -375,18 +445,24 @@ impl Txn<'_, '_> {
             }
             if captured {
                 for (i, c) in caps.into_iter().enumerate().take(10) {
-                    self.tx[i] = Some(c);
+                    self.tx[i] = Some(Cow::Owned(c));
                 }
             }
             for h in hits {
-                let mut name = h.var.name().as_bytes().to_vec();
+                self.matched_var_name.clear();
+                self.matched_var_name
+                    .extend_from_slice(h.var.name().as_bytes());
                 if !h.key.is_empty() {
-                    name.push(b':');
-                    name.extend_from_slice(&h.key);
+                    self.matched_var_name.push(b':');
+                    self.matched_var_name.extend_from_slice(&h.key);
                 }
-                self.matched_var = h.value.clone();
-                self.matched_var_name = name.clone();
-                self.matched_vars.push((name, h.value));
+                self.matched_var.clear();
+                self.matched_var.extend_from_slice(&h.value);
+                self.matched_vars
+                    .push((self.matched_var_name.clone(), h.value));
+            }
+            for e in &link.effects {
+                self.effect(e);
             }
         }
         true
@@ -403,10 +479,10 @@ impl Txn<'_, '_> {
     }
 
     /// Runs one phase; false when processing stops (a deny, `allow`, or the engine turned off).
-    fn run_phase(&mut self, cache: &mut Cache, p: usize) -> bool {
+    fn run_phase(&mut self, cache: &mut Cache, p: usize, from: usize) -> bool {
         let rs = self.rs;
         let steps = &rs.phases[p];
-        let mut i = 0;
+        let mut i = from;
         while i < steps.len() {
             let Step::Rule(ri) = steps[i] else {
                 i += 1;
@@ -417,9 +493,6 @@ impl Txn<'_, '_> {
             if self.removed(ri, rule) || !self.eval_rule(cache, ri) {
                 i += 1;
                 continue;
-            }
-            for e in &rule.effects {
-                self.effect(e);
             }
             if self.engine == EngineCtl::Off {
                 return false;
@@ -472,11 +545,11 @@ impl Txn<'_, '_> {
 
     fn tx_get(&self, name: &TxName) -> Option<Vec<u8>> {
         match name {
-            TxName::Slot(s) => self.tx[*s as usize].clone(),
+            TxName::Slot(s) => self.tx[*s as usize].as_deref().map(<[u8]>::to_vec),
             TxName::Dynamic(e) => {
                 let n = self.expand(e).to_ascii_lowercase();
                 match self.tx_slot_of(&n) {
-                    Some(s) => self.tx[s].clone(),
+                    Some(s) => self.tx[s].as_deref().map(<[u8]>::to_vec),
                     None => self
                         .tx_extra
                         .iter()
@@ -489,11 +562,11 @@ impl Txn<'_, '_> {
 
     fn tx_put(&mut self, name: &TxName, v: Option<Vec<u8>>) {
         match name {
-            TxName::Slot(s) => self.tx[*s as usize] = v,
+            TxName::Slot(s) => self.tx[*s as usize] = v.map(Cow::Owned),
             TxName::Dynamic(e) => {
                 let n = self.expand(e).to_ascii_lowercase();
                 if let Some(s) = self.tx_slot_of(&n) {
-                    self.tx[s] = v;
+                    self.tx[s] = v.map(Cow::Owned);
                     return;
                 }
                 self.tx_extra.retain(|(k, _)| *k != n);
@@ -567,9 +640,12 @@ impl Txn<'_, '_> {
 }
 
 impl Context for Txn<'_, '_> {
-    fn expand<'e>(&self, e: &'e Expand) -> Cow<'e, [u8]> {
+    fn expand<'e>(&'e self, e: &'e Expand) -> Cow<'e, [u8]> {
         if let Some(l) = e.literal() {
             return Cow::Borrowed(l);
+        }
+        if let [Part::Tx(s)] = e.parts.as_slice() {
+            return Cow::Borrowed(self.tx[*s as usize].as_deref().unwrap_or(b""));
         }
         let mut out = Vec::new();
         for p in &e.parts {
@@ -585,6 +661,19 @@ impl Context for Txn<'_, '_> {
             }
         }
         Cow::Owned(out)
+    }
+}
+
+/// `n` in decimal, without allocating (`&TX:x` counts are read by a rule in four).
+fn decimal(mut n: usize, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
     }
 }
 

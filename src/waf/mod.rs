@@ -300,14 +300,16 @@ pub fn compile(
                 presets.push((s, v.into_bytes()));
             }
         }
-        out.push(Some(RouteWaf {
+        let mut route = RouteWaf {
             detect_only: mode_of(r) == WafMode::Detect,
-            presets,
+            start: eval::Start::default(),
             removed,
             target_excludes: targets,
             body_limit: global.body_limit.get() as usize,
             score_slot: slot("anomaly_score"),
-        }));
+        };
+        route.start = eval::start(&rs, &route, &presets);
+        out.push(Some(route));
     }
     if !errors.fields.is_empty() {
         return Err(errors);

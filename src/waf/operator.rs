@@ -100,9 +100,12 @@ impl Rx {
         }
     }
 
-    /// Groups 0..=9 of the first match.
+    /// Groups 0..=9 of the first match. Most values do not match: the cheap test goes first.
     pub fn captures(&self, v: &[u8], out: &mut Vec<Vec<u8>>) -> bool {
         out.clear();
+        if !self.is_match(v) {
+            return false;
+        }
         match self {
             Rx::Bytes(r) => match r.captures(v) {
                 Some(c) => {
@@ -135,7 +138,8 @@ impl Rx {
 
 /// What an operator needs from the transaction: macro values.
 pub trait Context {
-    fn expand<'e>(&self, e: &'e Expand) -> Cow<'e, [u8]>;
+    /// A macro's value; borrowed when it is a literal or one TX variable.
+    fn expand<'e>(&'e self, e: &'e Expand) -> Cow<'e, [u8]>;
 }
 
 impl Operator {

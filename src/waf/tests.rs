@@ -91,3 +91,57 @@ fn benign_requests_pass_and_attacks_are_refused() {
     );
     assert_eq!(fine.blocked_by, None, "{:?}", fine.findings);
 }
+
+#[test]
+#[ignore]
+fn regex_costs() {
+    let rs = crs();
+    let mut costs = Vec::new();
+    for r in &rs.rules {
+        for l in &r.links {
+            if let operator::Kind::Rx(rx) = &l.op.kind {
+                let t = std::time::Instant::now();
+                for _ in 0..2000 {
+                    std::hint::black_box(rx.is_match(std::hint::black_box(b"shoes")));
+                    std::hint::black_box(rx.is_match(std::hint::black_box(b"price")));
+                }
+                costs.push((t.elapsed().as_nanos() / 4000, r.id));
+            }
+        }
+    }
+    costs.sort();
+    costs.reverse();
+    let total: u128 = costs.iter().map(|c| c.0).sum();
+    eprintln!(
+        "total ns per value over all rx: {total}; top: {:?}",
+        &costs[..20]
+    );
+}
+
+#[test]
+fn the_setup_rules_run_once_per_route_not_per_request() {
+    let rs = crs();
+    let r = route(&rs, 1, false);
+    // crs-setup's 900990 and 901's defaults read and write only TX.
+    let skipped = rs.phases[0][..r.start.step]
+        .iter()
+        .filter(|s| matches!(s, compile::Step::Rule(_)))
+        .count();
+    assert!(skipped >= 20, "{skipped}");
+    let slot = rs
+        .tx_names
+        .iter()
+        .position(|n| n == "critical_anomaly_score")
+        .unwrap();
+    assert_eq!(r.start.tx[slot].as_deref(), Some(&b"5"[..]));
+    let pl = rs
+        .tx_names
+        .iter()
+        .position(|n| n == "executing_paranoia_level")
+        .unwrap();
+    assert_eq!(r.start.tx[pl].as_deref(), Some(&b"1"[..]));
+    assert_eq!(
+        route(&rs, 3, false).start.tx[pl].as_deref(),
+        Some(&b"3"[..])
+    );
+}
