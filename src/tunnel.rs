@@ -164,8 +164,48 @@ pub struct TunnelPlan {
     _quota: Option<quota::Admission>,
 }
 
-/// Decides what to do with a WebSocket handshake.
+/// What a refused handshake's access-log line says, filled in as `decide` learns it.
+#[derive(Default)]
+struct Seen {
+    client_ip: Option<std::net::IpAddr>,
+    host: String,
+    path: String,
+    route: String,
+    screened: Option<String>,
+}
+
+/// Decides what to do with a WebSocket handshake. A refusal is logged like any request.
 pub async fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Plan {
+    let started = Instant::now();
+    let mut seen = Seen::default();
+    let plan = decide(gateway, head, client_stream, &mut seen).await;
+    if let Plan::Reject(r, id) = &plan {
+        gateway.access_log.log(&AccessRecord {
+            time: now_rfc3339(),
+            request_id: id,
+            client_ip: seen.client_ip.map(|ip| ip.to_string()),
+            host: &seen.host,
+            method: "GET",
+            path: &seen.path,
+            route: &seen.route,
+            upstream: "",
+            backend: None,
+            status: r.status(),
+            bytes_sent: 0,
+            bytes_received: 0,
+            duration_ms: started.elapsed().as_secs_f64() * 1e3,
+            upstream_ms: None,
+            websocket: true,
+            error: Some(r.code()),
+            screened: seen.screened.as_deref(),
+            consumer: None,
+            tenant: None,
+        });
+    }
+    plan
+}
+
+async fn decide(gateway: &Gateway, head: &[u8], client_stream: &Stream, seen: &mut Seen) -> Plan {
     let started = Instant::now();
     let Some(mut request) = build_request(head) else {
         return Plan::Reject(Reject::BadRequest, request_id(None));
@@ -189,9 +229,13 @@ pub async fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Pla
             .map(|v| v.as_bytes()),
     );
     let head_view = RequestHead::from_parts(&request);
+    seen.client_ip = client.ip;
+    seen.host = head_view.host.unwrap_or("").to_string();
+    seen.path = request.uri.path().to_string();
     let Some(route) = snap.router.find(&head_view) else {
         return Plan::Http;
     };
+    seen.route = route.name.clone();
     if !matches!(route.action, Action::Proxy { .. }) {
         return Plan::Http;
     }
@@ -209,10 +253,12 @@ pub async fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Pla
     let real_ip = client
         .ip
         .map(|peer| snap.client_ip.client_ip(peer, &request.headers));
+    seen.client_ip = real_ip;
     // Inspected before the upgrade: a refused handshake never reaches the upstream.
     let screening = gateway
         .screen_verified(&snap, route.index, real_ip, &request)
         .await;
+    seen.screened = screening.found.clone();
     if let Some(r) = screening.refusal {
         return Plan::Reject(r, rid);
     }
@@ -223,6 +269,12 @@ pub async fn plan(gateway: &Gateway, head: &[u8], client_stream: &Stream) -> Pla
     if let Some(route_waf) = snap.waf.as_deref().and_then(|w| w.route(route.index)) {
         let verdict =
             gateway.inspect_waf(&snap, route.index, route_waf, &request, real_ip, &rid, None);
+        if let Some(found) = verdict.found {
+            seen.screened = Some(match seen.screened.take() {
+                Some(s) => format!("{s},{found}"),
+                None => found,
+            });
+        }
         if let Some(r) = verdict.refusal {
             return Plan::Reject(r, rid);
         }
