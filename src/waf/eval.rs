@@ -146,7 +146,9 @@ struct Txn<'r, 'a> {
     matched_var: Vec<u8>,
     matched_var_name: Vec<u8>,
     /// MATCHED_VARS of the rule being run: (name, value).
-    matched_vars: Vec<(Vec<u8>, Vec<u8>)>,
+    matched_vars: Pairs,
+    /// Reused for each link's matches.
+    hits: Pairs,
     rule_id: u32,
     removed_ids: Vec<(u32, u32)>,
     removed_tags: Vec<String>,
@@ -226,10 +228,35 @@ fn apply_chain<'v>(v: &'v [u8], ts: &[Transform]) -> Cow<'v, [u8]> {
 /// `f(var, key, value, cache id)` of [`Txn::for_each`].
 type Visit<'f, 's> = dyn FnMut(Var, &[u8], &'s [u8], Option<u32>) + 'f;
 
-struct Hit {
-    var: Var,
-    key: Vec<u8>,
-    value: Vec<u8>,
+/// Name/value pairs in one reused buffer: the matches of a link being evaluated, and
+/// MATCHED_VARS of the rule being run. Items are (var, name start, value start, end).
+#[derive(Default)]
+struct Pairs {
+    bytes: Vec<u8>,
+    items: Vec<(Var, usize, usize, usize)>,
+}
+
+impl Pairs {
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.items.clear();
+    }
+
+    fn push(&mut self, var: Var, name: &[&[u8]], value: &[u8]) {
+        let n = self.bytes.len();
+        for part in name {
+            self.bytes.extend_from_slice(part);
+        }
+        let v = self.bytes.len();
+        self.bytes.extend_from_slice(value);
+        self.items.push((var, n, v, self.bytes.len()));
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (Var, &[u8], &[u8])> {
+        self.items
+            .iter()
+            .map(|&(var, n, v, e)| (var, &self.bytes[n..v], &self.bytes[v..e]))
+    }
 }
 
 fn same_var(excl: Var, var: Var) -> bool {
@@ -248,7 +275,8 @@ impl<'r, 'a> Txn<'r, 'a> {
             tx_extra: Vec::new(),
             matched_var: Vec::new(),
             matched_var_name: Vec::new(),
-            matched_vars: Vec::new(),
+            matched_vars: Pairs::default(),
+            hits: Pairs::default(),
             rule_id: 0,
             removed_ids: Vec::new(),
             removed_tags: Vec::new(),
@@ -352,12 +380,12 @@ impl Txn<'_, '_> {
             Var::MatchedVar => f(var, b"", &self.matched_var, None),
             Var::MatchedVarName => f(var, b"", &self.matched_var_name, None),
             Var::MatchedVars => {
-                for (n, v) in &self.matched_vars {
+                for (_, n, v) in self.matched_vars.iter() {
                     f(var, n, v, None);
                 }
             }
             Var::MatchedVarsNames => {
-                for (n, _) in &self.matched_vars {
+                for (_, n, _) in self.matched_vars.iter() {
                     f(var, n, n, None);
                 }
             }
@@ -372,7 +400,8 @@ impl Txn<'_, '_> {
         self.matched_vars.clear();
         self.rule_id = rule.id;
         for link in &rule.links {
-            let mut hits: Vec<Hit> = Vec::new();
+            let mut hits = std::mem::take(&mut self.hits);
+            hits.clear();
             let mut caps: Vec<Vec<u8>> = Vec::new();
             let mut captured = false;
             {
@@ -389,11 +418,7 @@ impl Txn<'_, '_> {
                         let mut buf = [0u8; 20];
                         let s = decimal(n, &mut buf);
                         if link.op.eval(s, this, None) {
-                            hits.push(Hit {
-                                var: t.var,
-                                key: Vec::new(),
-                                value: s.to_vec(),
-                            });
+                            hits.push(t.var, &[], s);
                         }
                         continue;
                     }
@@ -413,11 +438,7 @@ impl Txn<'_, '_> {
                             }
                             for s in stages {
                                 if link.op.eval(&s, this, None) {
-                                    hits.push(Hit {
-                                        var,
-                                        key: key.to_vec(),
-                                        value: s,
-                                    });
+                                    hits.push(var, &[key], &s);
                                 }
                             }
                             return;
@@ -431,16 +452,13 @@ impl Txn<'_, '_> {
                         let want = link.capture.then_some(&mut caps);
                         if link.op.eval(&v, this, want) {
                             captured |= link.capture;
-                            hits.push(Hit {
-                                var,
-                                key: key.to_vec(),
-                                value: v.into_owned(),
-                            });
+                            hits.push(var, &[key], &v);
                         }
                     });
                 }
             }
-            if hits.is_empty() {
+            if hits.items.is_empty() {
+                self.hits = hits;
                 return false;
             }
             if captured {
@@ -448,19 +466,20 @@ impl Txn<'_, '_> {
                     self.tx[i] = Some(Cow::Owned(c));
                 }
             }
-            for h in hits {
+            for (var, key, value) in hits.iter() {
                 self.matched_var_name.clear();
                 self.matched_var_name
-                    .extend_from_slice(h.var.name().as_bytes());
-                if !h.key.is_empty() {
+                    .extend_from_slice(var.name().as_bytes());
+                if !key.is_empty() {
                     self.matched_var_name.push(b':');
-                    self.matched_var_name.extend_from_slice(&h.key);
+                    self.matched_var_name.extend_from_slice(key);
                 }
                 self.matched_var.clear();
-                self.matched_var.extend_from_slice(&h.value);
+                self.matched_var.extend_from_slice(value);
                 self.matched_vars
-                    .push((self.matched_var_name.clone(), h.value));
+                    .push(var, &[&self.matched_var_name], value);
             }
+            self.hits = hits;
             for e in &link.effects {
                 self.effect(e);
             }
