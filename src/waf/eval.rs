@@ -403,6 +403,7 @@ impl Txn<'_, '_> {
             let mut hits = std::mem::take(&mut self.hits);
             hits.clear();
             let mut caps: Vec<Vec<u8>> = Vec::new();
+            let mut trial: Vec<Vec<u8>> = Vec::new();
             let mut captured = false;
             {
                 let this = &*self;
@@ -449,9 +450,14 @@ impl Txn<'_, '_> {
                             }
                             _ => apply_chain(value, ts),
                         };
-                        let want = link.capture.then_some(&mut caps);
+                        // Each value captures into `trial`; the last value that matched keeps its
+                        // groups (a later value that does not match must not clear them).
+                        let want = link.capture.then_some(&mut trial);
                         if link.op.eval(&v, this, want) {
-                            captured |= link.capture;
+                            if link.capture {
+                                std::mem::swap(&mut caps, &mut trial);
+                                captured = true;
+                            }
                             hits.push(var, &[key], &v);
                         }
                     });

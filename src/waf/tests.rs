@@ -93,32 +93,6 @@ fn benign_requests_pass_and_attacks_are_refused() {
 }
 
 #[test]
-#[ignore]
-fn regex_costs() {
-    let rs = crs();
-    let mut costs = Vec::new();
-    for r in &rs.rules {
-        for l in &r.links {
-            if let operator::Kind::Rx(rx) = &l.op.kind {
-                let t = std::time::Instant::now();
-                for _ in 0..2000 {
-                    std::hint::black_box(rx.is_match(std::hint::black_box(b"shoes")));
-                    std::hint::black_box(rx.is_match(std::hint::black_box(b"price")));
-                }
-                costs.push((t.elapsed().as_nanos() / 4000, r.id));
-            }
-        }
-    }
-    costs.sort();
-    costs.reverse();
-    let total: u128 = costs.iter().map(|c| c.0).sum();
-    eprintln!(
-        "total ns per value over all rx: {total}; top: {:?}",
-        &costs[..20]
-    );
-}
-
-#[test]
 fn the_setup_rules_run_once_per_route_not_per_request() {
     let rs = crs();
     let r = route(&rs, 1, false);
@@ -144,4 +118,37 @@ fn the_setup_rules_run_once_per_route_not_per_request() {
         route(&rs, 3, false).start.tx[pl].as_deref(),
         Some(&b"3"[..])
     );
+}
+
+#[test]
+fn captures_come_from_the_value_that_matched_not_the_last_one_tried() {
+    // 931130 keeps the host of a URL argument (`.%{tx.1}`) and compares it with the Host.
+    let rs = compile::load_text(
+        "t.conf",
+        "SecRule ARGS \"@rx ^https?://([^/]+)\" \"id:1,phase:2,pass,capture,nolog,setvar:'tx.host=%{tx.1}'\"\n\
+         SecRule TX:host \"@streq cdn.example.com\" \"id:2,phase:2,deny,log\"\n",
+    )
+    .unwrap();
+    let r = RouteWaf {
+        detect_only: false,
+        start: eval::Start {
+            tx: vec![None; rs.tx_names.len()],
+            step: 0,
+        },
+        removed: vec![false; rs.rules.len()],
+        target_excludes: vec![Vec::new(); rs.rules.len()],
+        body_limit: 65536,
+        score_slot: None,
+    };
+    let h = http::HeaderMap::new();
+    let head = Head {
+        method: "GET",
+        target: "/?a=https://cdn.example.com/x.png&b=plain",
+        protocol: "HTTP/1.1",
+        headers: &h,
+        authority: None,
+        remote_addr: "192.0.2.1".into(),
+        unique_id: "t",
+    };
+    assert_eq!(eval::inspect(&rs, &r, &head, None).blocked_by, Some(2));
 }
