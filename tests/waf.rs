@@ -849,7 +849,8 @@ fn verdicts_agree_with_libmodsecurity() {
         oddities.is_empty(),
         "the reference did not answer every request cleanly"
     );
-    assert!(pct >= 90.0, "agreement {pct:.1}% < 90%");
+    // Measured 314/315 (99.7%): every attack and every benign request agree.
+    assert!(pct >= 97.0, "agreement {pct:.1}% < 97%");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -402,9 +402,9 @@ impl Txn<'_, '_> {
         for link in &rule.links {
             let mut hits = std::mem::take(&mut self.hits);
             hits.clear();
-            let mut caps: Vec<Vec<u8>> = Vec::new();
+            // The groups of each matching value, in hit order (capture links only).
+            let mut caps: Vec<Vec<Vec<u8>>> = Vec::new();
             let mut trial: Vec<Vec<u8>> = Vec::new();
-            let mut captured = false;
             {
                 let this = &*self;
                 let ts = &rs.chains[link.chain as usize];
@@ -450,13 +450,10 @@ impl Txn<'_, '_> {
                             }
                             _ => apply_chain(value, ts),
                         };
-                        // Each value captures into `trial`; the last value that matched keeps its
-                        // groups (a later value that does not match must not clear them).
                         let want = link.capture.then_some(&mut trial);
                         if link.op.eval(&v, this, want) {
                             if link.capture {
-                                std::mem::swap(&mut caps, &mut trial);
-                                captured = true;
+                                caps.push(std::mem::take(&mut trial));
                             }
                             hits.push(var, &[key], &v);
                         }
@@ -467,11 +464,10 @@ impl Txn<'_, '_> {
                 self.hits = hits;
                 return false;
             }
-            if captured {
-                for (i, c) in caps.into_iter().enumerate().take(10) {
-                    self.tx[i] = Some(Cow::Owned(c));
-                }
-            }
+            // Like libmodsecurity, a link's setvar and ctl run once per matching value, with that
+            // value as MATCHED_VAR and its groups as TX:0..9: CRS 920450 records every header
+            // name this way, and a rule that matches three arguments scores three times.
+            let mut caps = caps.into_iter();
             for (var, key, value) in hits.iter() {
                 self.matched_var_name.clear();
                 self.matched_var_name
@@ -484,11 +480,16 @@ impl Txn<'_, '_> {
                 self.matched_var.extend_from_slice(value);
                 self.matched_vars
                     .push(var, &[&self.matched_var_name], value);
+                if let Some(groups) = caps.next() {
+                    for (i, c) in groups.into_iter().enumerate().take(10) {
+                        self.tx[i] = Some(Cow::Owned(c));
+                    }
+                }
+                for e in &link.effects {
+                    self.effect(e);
+                }
             }
             self.hits = hits;
-            for e in &link.effects {
-                self.effect(e);
-            }
         }
         true
     }
