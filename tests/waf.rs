@@ -323,6 +323,22 @@ fn rates(
     m
 }
 
+/// One table: a row per category, then the total (`digits` after the point for it).
+fn print_rates(kind: &str, what: &str, m: &BTreeMap<String, Rate>, all: &Rate, digits: usize) {
+    println!("{kind:<14} {:>8} {:>8} {what:>9}", "blocked", "total");
+    for (cat, r) in m {
+        println!("{cat:<14} {:>8} {:>8} {:>8.1}%", r.hits, r.total, r.pct());
+    }
+    println!(
+        "{:<14} {:>8} {:>8} {:>8.*}%",
+        "ALL",
+        all.hits,
+        all.total,
+        digits,
+        all.pct()
+    );
+}
+
 fn total(m: &BTreeMap<String, Rate>) -> Rate {
     Rate {
         hits: m.values().map(|r| r.hits).sum(),
@@ -355,34 +371,8 @@ fn corpus_detection_and_false_positive_rates() {
     let (dt, ft) = (total(&det), total(&fp));
 
     println!("\n== WAF corpus through tollgate (CRS 3.3.4, PL1, threshold 5, block) ==");
-    println!(
-        "{:<14} {:>8} {:>8} {:>9}",
-        "attacks", "blocked", "total", "detected"
-    );
-    for (cat, r) in &det {
-        println!("{cat:<14} {:>8} {:>8} {:>8.1}%", r.hits, r.total, r.pct());
-    }
-    println!(
-        "{:<14} {:>8} {:>8} {:>8.1}%",
-        "ALL",
-        dt.hits,
-        dt.total,
-        dt.pct()
-    );
-    println!(
-        "{:<14} {:>8} {:>8} {:>9}",
-        "benign", "blocked", "total", "FP"
-    );
-    for (cat, r) in &fp {
-        println!("{cat:<14} {:>8} {:>8} {:>8.1}%", r.hits, r.total, r.pct());
-    }
-    println!(
-        "{:<14} {:>8} {:>8} {:>8.2}%",
-        "ALL",
-        ft.hits,
-        ft.total,
-        ft.pct()
-    );
+    print_rates("attacks", "detected", &det, &dt, 1);
+    print_rates("benign", "FP", &fp, &ft, 2);
     println!(
         "{} requests in {:.1} s",
         attacks.len() + benign.len(),
