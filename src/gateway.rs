@@ -643,12 +643,48 @@ impl Gateway {
         }
         let head = crate::router::RequestHead::from_parts(req);
         let verdict = snap.evaluate_rules(index, &head, client);
+        self.rules_outcome(route, &verdict, out, found)
+    }
+
+    /// The custom rules with a `body` condition, on the body read for route `index` (after
+    /// the WAF; see `policy::rules`).
+    pub fn screen_body(
+        &self,
+        snap: &Snapshot,
+        index: usize,
+        client: Option<std::net::IpAddr>,
+        req: &pingora_http::RequestHeader,
+        body: &[u8],
+    ) -> Screening {
+        if !snap.bindings[index].rules {
+            return Screening::default();
+        }
+        let route = snap.router.routes()[index].name.as_str();
+        let head = crate::router::RequestHead::from_parts(req);
+        let verdict = snap.rules.evaluate_body(&head, client, body);
+        self.rules_outcome(route, &verdict, Screening::default(), Vec::new())
+    }
+
+    /// Counts what custom rules found and turns it into the refusal, findings and tags.
+    fn rules_outcome(
+        &self,
+        route: &str,
+        verdict: &crate::policy::rules::Verdict<'_>,
+        mut out: Screening,
+        mut found: Vec<String>,
+    ) -> Screening {
+        let count = |rule: &str, action: &str| {
+            self.metrics
+                .screened
+                .with_label_values(&[route, "rule", rule, action])
+                .inc()
+        };
         for id in &verdict.matched {
-            count("rule", id, "matched");
+            count(id, "matched");
             found.push(format!("rule:{id}"));
         }
         if let Some(id) = verdict.blocked_by {
-            count("rule", id, "blocked");
+            count(id, "blocked");
             found.push(format!("rule:{id}"));
             out.refusal = Some(crate::respond::Reject::Forbidden("blocked_by_rule"));
         }

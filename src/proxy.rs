@@ -166,6 +166,53 @@ impl Proxy {
         }
     }
 
+    /// Custom rules with a `body` condition: the body is read (up to 64 KiB, or the route's
+    /// `max_body` if smaller; a larger declared body is not read, and those rules do not match).
+    async fn body_rules(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        snap: &Snapshot,
+        index: usize,
+    ) -> std::result::Result<(), Reject> {
+        if !snap.bindings[index].rules || !snap.rules.needs_body() || session.is_upgrade_req() {
+            return Ok(());
+        }
+        let max = crate::waf::MAX_BODY_LIMIT.min(ctx.max_body);
+        let declared = declared_length(session);
+        let chunked = session
+            .req_header()
+            .headers
+            .contains_key(http::header::TRANSFER_ENCODING);
+        if ctx.body.is_none() && (declared.is_some_and(|n| n > 0 && n <= max) || chunked) {
+            ctx.body = Some(read_body(session, max).await?);
+        }
+        let Some(body) = ctx.body.as_deref() else {
+            return Ok(());
+        };
+        let s = self
+            .gateway
+            .screen_body(snap, index, ctx.real_ip, session.req_header(), body);
+        if let Some(found) = s.found {
+            ctx.screened = Some(match ctx.screened.take() {
+                Some(prev) => format!("{prev},{found}"),
+                None => found,
+            });
+        }
+        if let Some(r) = s.refusal {
+            return Err(r);
+        }
+        if let Some(tags) = s.tags {
+            let req = session.req_header_mut();
+            let all = match req.headers.get(crate::policy::rules::TAGS_HEADER) {
+                Some(prev) => format!("{}, {tags}", String::from_utf8_lossy(prev.as_bytes())),
+                None => tags,
+            };
+            let _ = req.insert_header(crate::policy::rules::TAGS_HEADER, all);
+        }
+        Ok(())
+    }
+
     /// Runs the route's auth policy; the identity goes into `ctx`. Reads the request body
     /// first when the policy needs it (HMAC-signed forms, Content-MD5): it is kept in Pingora's
     /// retry buffer, which replays it to the upstream, hence the 64 KiB cap.
@@ -440,6 +487,9 @@ impl ProxyHttp for Proxy {
             return self.reject(session, ctx, Reject::Quota(r)).await;
         }
         if let Err(r) = self.inspect_waf(session, ctx, &snap, index).await {
+            return self.reject(session, ctx, r).await;
+        }
+        if let Err(r) = self.body_rules(session, ctx, &snap, index).await {
             return self.reject(session, ctx, r).await;
         }
         if let Some(policy) = &snap.bindings[index].auth {

@@ -246,3 +246,69 @@ fn ip_lists_and_bots_are_refused_before_the_upstream_and_change_by_reload() {
     assert_eq!(err["line"], line, "{err}");
     refused("198.51.100.7", "/x", BROWSER, "ip_denied");
 }
+
+/// Custom rules on the body: read before anything reaches the upstream, which still gets the
+/// whole body; `block` refuses, `tag` tags, and chunked bodies are seen too.
+#[test]
+fn body_rules_refuse_or_tag_and_the_upstream_gets_the_body_whole() {
+    let app = HttpBackend::start("app");
+    let gw = Gateway::start(&config(&format!(
+        r#"client_ip: {{ trusted_proxies: [ 127.0.0.0/8 ] }}
+rules:
+  - {{ id: no-drop, body: {{ regex: "(?i)drop\\s+table" }}, action: block }}
+  - {{ id: coupon, match: {{ methods: [POST] }}, body: {{ contains: "\"coupon\"" }}, action: tag, tag: promo }}
+upstreams:
+  app: {{ backends: [ {{ address: "{}" }} ] }}
+routes:
+  - {{ name: open, match: {{ path_prefix: /open }}, upstream: app, rules: false }}
+  - {{ name: all, upstream: app }}
+"#,
+        app.addr()
+    )));
+    let post = |path: &str, body: &str| {
+        Req::post(path, body.as_bytes().to_vec())
+            .host("s.test")
+            .header("content-type", "application/json")
+            .header("user-agent", BROWSER)
+    };
+    let before = app.hits();
+    let r = gw.send(&post("/api", r#"{"q":"1; DROP   TABLE users"}"#));
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("blocked_by_rule"));
+    let line = gw
+        .wait_access_log(r.header("x-request-id").unwrap(), Duration::from_secs(5))
+        .expect("the refusal is logged");
+    assert_eq!(line["screened"], "rule:no-drop");
+    assert_eq!(
+        app.hits(),
+        before,
+        "a refused body never reaches the upstream"
+    );
+
+    let body = format!(r#"{{"coupon":"SUMMER","pad":"{}"}}"#, "x".repeat(20_000));
+    let r = gw.send(&post("/api", &body));
+    assert_eq!(r.status, 200);
+    let echo = r.echo();
+    assert_eq!(echo.header_values("x-tollgate-tags"), ["promo"]);
+    assert_eq!(
+        echo.body_len(),
+        body.len() as u64,
+        "the read body is replayed whole"
+    );
+
+    // Chunked: no Content-Length, the rule still sees it.
+    let json = r#"{"q":"x drop table accounts"}"#;
+    let chunked = format!("{:x}\r\n{json}\r\n0\r\n\r\n", json.len());
+    let r = gw.send(
+        &Req::post("/api", chunked.into_bytes())
+            .host("s.test")
+            .header("user-agent", BROWSER)
+            .header("transfer-encoding", "chunked"),
+    );
+    assert_eq!(r.status, 403);
+
+    // `rules: false` routes are not read for rules and not refused.
+    let r = gw.send(&post("/open/x", r#"{"q":"drop table t"}"#));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.echo().body(), r#"{"q":"drop table t"}"#);
+}

@@ -9,7 +9,9 @@
 //!
 //! A rule's `match` is a route's `match` (hosts, path, methods, headers, query, cookies, with
 //! `exact`/`prefix`/`contains`/`regex`/`present`), plus `client_ip: { in, not_in }` (CIDRs).
-//! `routes[].rules: false` exempts a route. Request bodies are not looked at here (the WAF's job).
+//! `routes[].rules: false` exempts a route. `body: { contains | regex }` looks at the request
+//! body (up to 64 KiB, read before anything reaches the upstream): such rules run in a second
+//! pass, after the head-only rules and the WAF, once the body is there.
 
 use std::net::IpAddr;
 
@@ -31,6 +33,9 @@ pub struct RuleSpec {
     pub matcher: RouteMatch,
     #[serde(default)]
     pub client_ip: Option<IpCondition>,
+    /// A condition on the request body (raw bytes as sent).
+    #[serde(default)]
+    pub body: Option<BodyCondition>,
     pub action: RuleAction,
     /// For `action: tag`.
     #[serde(default)]
@@ -46,6 +51,20 @@ pub struct IpCondition {
     /// The client address is in none of these.
     #[serde(default)]
     pub not_in: Vec<String>,
+}
+
+/// `body: { contains: "..." }` or `body: { regex: "..." }` (one of them).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BodyCondition {
+    pub contains: Option<String>,
+    pub regex: Option<String>,
+}
+
+#[derive(Debug)]
+enum BodyMatch {
+    Contains(Box<memchr::memmem::Finder<'static>>),
+    Regex(regex::bytes::Regex),
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -64,6 +83,7 @@ struct Rule {
     not_in: CidrList,
     action: RuleAction,
     tag: Option<String>,
+    body: Option<BodyMatch>,
 }
 
 /// What the rules say of one request.
@@ -134,6 +154,36 @@ impl CustomRules {
                 .unwrap_or_default();
             let matcher =
                 RequestMatcher::compile(&spec.matcher, &error::join(&at, "match"), &mut errors);
+            let body_at = error::join(&at, "body");
+            let body = match &spec.body {
+                None => None,
+                Some(BodyCondition {
+                    contains: Some(c),
+                    regex: None,
+                }) if !c.is_empty() => Some(BodyMatch::Contains(Box::new(
+                    memchr::memmem::Finder::new(c.as_bytes()).into_owned(),
+                ))),
+                Some(BodyCondition {
+                    contains: None,
+                    regex: Some(r),
+                }) => match regex::bytes::Regex::new(r) {
+                    Ok(r) => Some(BodyMatch::Regex(r)),
+                    Err(e) => {
+                        errors.push(FieldError::new(
+                            error::join(&body_at, "regex"),
+                            error::regex_message(&e),
+                        ));
+                        None
+                    }
+                },
+                Some(_) => {
+                    errors.push(FieldError::new(
+                        body_at,
+                        "`body` takes one of `contains` (not empty) or `regex`",
+                    ));
+                    None
+                }
+            };
             if let Some(matcher) = matcher {
                 rules.push(Rule {
                     id: spec.id.clone(),
@@ -142,6 +192,7 @@ impl CustomRules {
                     not_in,
                     action: spec.action,
                     tag,
+                    body,
                 });
             }
         }
@@ -156,11 +207,42 @@ impl CustomRules {
         self.rules.is_empty()
     }
 
-    /// Every rule in order, until a `block` matches. Allocates only when a rule matches.
+    /// Some rule looks at the body: the gateway reads it for [`Self::evaluate_body`].
+    pub fn needs_body(&self) -> bool {
+        self.rules.iter().any(|r| r.body.is_some())
+    }
+
+    /// The head-only rules in order, until a `block` matches. Allocates only when a rule
+    /// matches.
     pub fn evaluate(&self, req: &RequestHead<'_>, client: Option<IpAddr>) -> Verdict<'_> {
+        self.run(req, client, None)
+    }
+
+    /// The rules with a `body` condition, in order, on the body read so far.
+    pub fn evaluate_body(
+        &self,
+        req: &RequestHead<'_>,
+        client: Option<IpAddr>,
+        body: &[u8],
+    ) -> Verdict<'_> {
+        self.run(req, client, Some(body))
+    }
+
+    fn run(
+        &self,
+        req: &RequestHead<'_>,
+        client: Option<IpAddr>,
+        body: Option<&[u8]>,
+    ) -> Verdict<'_> {
         let mut v = Verdict::default();
         for r in &self.rules {
-            if !r.applies(req, client) {
+            let body_ok = match (&r.body, body) {
+                (None, None) => true,
+                (Some(BodyMatch::Contains(f)), Some(b)) => f.find(b).is_some(),
+                (Some(BodyMatch::Regex(re)), Some(b)) => re.is_match(b),
+                _ => false,
+            };
+            if !body_ok || !r.applies(req, client) {
                 continue;
             }
             match r.action {
@@ -267,6 +349,27 @@ mod tests {
     }
 
     #[test]
+    fn body_rules_run_only_in_the_body_pass() {
+        let r = rules(
+            r#"
+- { id: no-drop, body: { regex: "(?i)drop\\s+table" }, action: block }
+- { id: promo, match: { methods: [POST] }, body: { contains: "\"coupon\"" }, action: tag, tag: promo }
+"#,
+        )
+        .unwrap();
+        assert!(r.needs_body());
+        let post = req("POST", "/api", &[("host", "a.test")]);
+        let head = RequestHead::from_parts(&post);
+        let ip = Some("192.0.2.1".parse().unwrap());
+        assert_eq!(r.evaluate(&head, ip), Verdict::default());
+        let v = r.evaluate_body(&head, ip, br#"{"q":"x; DROP  TABLE users"}"#);
+        assert_eq!(v.blocked_by, Some("no-drop"));
+        let v = r.evaluate_body(&head, ip, br#"{"coupon":"SUMMER"}"#);
+        assert_eq!((v.blocked_by, v.tags), (None, vec!["promo"]));
+        assert_eq!(r.evaluate_body(&head, ip, b"{}"), Verdict::default());
+    }
+
+    #[test]
     fn mistakes_are_reported_with_their_paths() {
         let errs = rules(
             r#"
@@ -274,6 +377,8 @@ mod tests {
 - { id: a, action: tag }
 - { id: a, action: block, tag: x, client_ip: { in: [300.0.0.0/8] } }
 - { id: b, match: { path: nope, headers: { x: { regex: "(" } } }, action: block }
+- { id: c, body: { contains: "", regex: "x" }, action: log }
+- { id: d, body: { regex: "[" }, action: log }
 "#,
         )
         .unwrap_err();
@@ -288,6 +393,8 @@ mod tests {
                 "rules[2].client_ip.in[0]",
                 "rules[3].match.path",
                 "rules[3].match.headers.x.regex",
+                "rules[4].body",
+                "rules[5].body.regex",
             ],
             "{errs:?}"
         );
