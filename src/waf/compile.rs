@@ -23,6 +23,10 @@ pub struct Ruleset {
     pub phases: [Vec<Step>; 2],
     pub tx_names: Vec<String>,
     pub chains: Vec<Vec<Transform>>,
+    /// Each chain as its longest proper prefix (another chain) plus its last transformation:
+    /// chains share prefixes (`urlDecodeUni`, then `lowercase` or `htmlEntityDecode`, ...), and
+    /// the cache computes each prefix of a value once. Chain 0 is the empty chain.
+    pub chain_parent: Vec<(u16, Option<Transform>)>,
     /// Rules not run, with the reason.
     pub unsupported: Vec<Unsupported>,
     /// Things run differently than ModSecurity would (directives ignored, ...), once each.
@@ -256,6 +260,7 @@ struct Builder {
     tx: HashMap<String, u16>,
     tx_names: Vec<String>,
     chains: HashMap<Vec<Transform>, u16>,
+    chain_parent: Vec<(u16, Option<Transform>)>,
     chain_list: Vec<Vec<Transform>>,
     defaults: [Defaults; 6],
     pending: Option<Pending>,
@@ -281,6 +286,7 @@ impl Builder {
         for i in 0..10 {
             b.intern_tx(&i.to_string());
         }
+        b.intern_chain(Vec::new());
         b
     }
 
@@ -306,8 +312,13 @@ impl Builder {
         if let Some(&i) = self.chains.get(&c) {
             return i;
         }
+        let parent = match c.split_last() {
+            Some((last, head)) => (self.intern_chain(head.to_vec()), Some(*last)),
+            None => (0, None),
+        };
         let i = self.chain_list.len() as u16;
         self.chain_list.push(c.clone());
+        self.chain_parent.push(parent);
         self.chains.insert(c, i);
         i
     }
@@ -1050,6 +1061,7 @@ impl Builder {
             phases,
             tx_names: self.tx_names,
             chains: self.chain_list,
+            chain_parent: self.chain_parent,
             unsupported: self.unsupported,
             notes: self.notes,
             files: self.files,

@@ -191,26 +191,50 @@ impl Cache {
         self.idx[..n].fill(UNSET);
     }
 
-    fn get<'v>(&'v mut self, id: u32, chain: u16, v: &'v [u8], ts: &[Transform]) -> &'v [u8] {
+    /// Value `id` (`v`) after `chain`, computed from its prefix chain's result.
+    fn get<'v>(
+        &'v mut self,
+        id: u32,
+        chain: u16,
+        v: &'v [u8],
+        parents: &[(u16, Option<Transform>)],
+    ) -> &'v [u8] {
+        match self.slot(id, chain, v, parents) {
+            SAME => v,
+            i => &self.arena[i as usize],
+        }
+    }
+
+    fn slot(&mut self, id: u32, chain: u16, v: &[u8], parents: &[(u16, Option<Transform>)]) -> u32 {
+        let (parent, Some(last)) = parents[chain as usize] else {
+            return SAME;
+        };
         let k = id as usize * self.chains + chain as usize;
         if k >= self.idx.len() {
             self.idx.resize((id as usize + 16) * self.chains, UNSET);
         }
-        match self.idx[k] {
-            SAME => v,
-            UNSET => match apply_chain(v, ts) {
-                Cow::Borrowed(b) if b.as_ptr() == v.as_ptr() && b.len() == v.len() => {
-                    self.idx[k] = SAME;
-                    v
-                }
-                out => {
-                    self.arena.push(out.into_owned());
-                    self.idx[k] = (self.arena.len() - 1) as u32;
-                    &self.arena[self.arena.len() - 1]
-                }
-            },
-            i => &self.arena[i as usize],
+        if self.idx[k] != UNSET {
+            return self.idx[k];
         }
+        let base = self.slot(id, parent, v, parents);
+        let input: &[u8] = if base == SAME {
+            v
+        } else {
+            &self.arena[base as usize]
+        };
+        let out = match last.apply(input) {
+            Cow::Borrowed(b) if b.as_ptr() == input.as_ptr() && b.len() == input.len() => None,
+            other => Some(other.into_owned()),
+        };
+        let r = match out {
+            None => base,
+            Some(o) => {
+                self.arena.push(o);
+                (self.arena.len() - 1) as u32
+            }
+        };
+        self.idx[k] = r;
+        r
     }
 }
 
@@ -446,7 +470,7 @@ impl Txn<'_, '_> {
                         }
                         let v: Cow<[u8]> = match id {
                             Some(id) if !ts.is_empty() => {
-                                Cow::Borrowed(cache.get(id, link.chain, value, ts))
+                                Cow::Borrowed(cache.get(id, link.chain, value, &rs.chain_parent))
                             }
                             _ => apply_chain(value, ts),
                         };
