@@ -27,7 +27,11 @@ LOAD_CORE=${LOAD_CORE:-0}    # wrk, the upstreams, the WebSocket client
 PROXY_CORE=${PROXY_CORE:-1}  # the proxy under test (one at a time under load)
 
 die() { echo "load.sh: $*" >&2; exit 1; }
-log() { echo "# $*" >&2; }
+# cleanup (the EXIT trap), stop_wait, stop, free_port, wait_port, log, build_tollgate, cpu_ticks,
+# children, kids_ticks, core_jiffies, busy_pct, foreign_pct, busy_redo, upstream_count,
+# start_nginx, start_tollgate, nginx_conf, PROXY_LOCATION, median_col, sum_col, ratio
+# shellcheck source=benches/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # ---------------------------------------------------------------------------------------------
 # Tools
@@ -66,10 +70,6 @@ ODD=() # odd things seen, printed under the table
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-load.XXXXXX")
 PIDS=()
-# cleanup (the EXIT trap), stop_wait, stop, free_port, wait_port, cpu_ticks, children,
-# start_nginx, start_tollgate, nginx_conf
-# shellcheck source=benches/lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
@@ -91,10 +91,6 @@ EOF
     echo "$dir/tollgate.yaml"
 }
 
-median_col() { # file column
-    awk -v c="$2" '{print $c}' "$1" | sort -g | awk '{v[NR] = $1} END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-
 log "started $(date -u +%FT%TZ) on $(hostname), $NCPU cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # ---------------------------------------------------------------------------------------------
@@ -113,13 +109,7 @@ ng_conf=$(nginx_conf nginx-proxy "
     upstream app { server 127.0.0.1:$UP_PORT; keepalive 128; keepalive_requests 1000000; }
     server {
         listen 127.0.0.1:$NG_PORT backlog=4096;
-        location / {
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection \"\";
-            proxy_set_header Host \$host;
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-        }
+$PROXY_LOCATION
     }")
 tg_conf=$(tollgate_conf tollgate "$TG_PORT" "$UP_PORT" "$TG_ADMIN")
 
@@ -137,22 +127,17 @@ to_us() { awk -v v="$1" 'BEGIN { n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
     if (u == "us") print n; else if (u == "ms") print n * 1000; else if (u == "s") print n * 1e6;
     else if (u == "m") print n * 6e7; else print "nan" }'; }
 
-# Connections the upstream nginx has accepted so far (stub_status).
-upstream_accepts() {
-    curl -s --max-time 5 "http://127.0.0.1:$UP_PORT/nginx_status" | awk 'NR == 3 {print $1}'
-}
-
 # run name port pids... -> appends "rps p50 p99 cpu_us_per_req" to $TMP/name.results
 bench_http() {
     local name=$1 port=$2 run=$3
     shift 3
     local pids=("$@") c0 c1 out a0 a1
-    a0=$(upstream_accepts)
+    a0=$(upstream_count accepts)
     c0=$(cpu_ticks "${pids[@]}")
     out=$(taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency --timeout 5s \
         "http://127.0.0.1:$port/")
     c1=$(cpu_ticks "${pids[@]}")
-    a1=$(upstream_accepts)
+    a1=$(upstream_count accepts)
     echo "$out" >"$TMP/$name.wrk.$run"
     local rps p50 p99 reqs non2xx sockerr
     rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
@@ -270,8 +255,6 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # Table
-
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 
 echo
 echo "Tollgate vs nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') — $(date -u +%F), $NCPU cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), load avg at end $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -40,7 +40,11 @@ REDOS=${REDOS:-6}                # runs redone at most, per script
 REDOS_MAX=$REDOS
 
 die() { echo "tls.sh: $*" >&2; exit 1; }
-log() { echo "# $*" >&2; }
+# cleanup (the EXIT trap), stop_wait, stop, free_port, wait_port, log, build_tollgate, cpu_ticks,
+# children, kids_ticks, core_jiffies, busy_pct, foreign_pct, busy_redo, upstream_count,
+# start_nginx, start_tollgate, nginx_conf, PROXY_LOCATION, median_col, sum_col, ratio
+# shellcheck source=benches/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # ---------------------------------------------------------------------------------------------
 # Tools
@@ -51,15 +55,7 @@ if ((${#missing[@]})); then
     die "missing: ${missing[*]} (apt-get install -y nginx-light nghttp2-client openssl util-linux curl iproute2 coreutils)"
 fi
 ODD=() # odd things seen, printed under the table
-if [[ ! -x $BIN ]]; then
-    [[ -z ${TOLLGATE_BIN:-} ]] || die "$BIN is not an executable"
-    log "building $BIN (cargo build --release --bin tollgate; ~5 min cold)"
-    (cd "$ROOT" && timeout 1800 cargo build --release --bin tollgate) >&2 || die "cargo build failed"
-    [[ -x $BIN ]] || die "cargo build left no $BIN"
-elif [[ -z ${TOLLGATE_BIN:-} ]]; then
-    newer=$(find "$ROOT/src" "$ROOT/Cargo.toml" "$ROOT/Cargo.lock" -newer "$BIN" -print -quit 2>/dev/null || true)
-    [[ -z $newer ]] || ODD+=("$BIN is older than $newer: not rebuilt (cargo build --release --bin tollgate)")
-fi
+build_tollgate
 NGINX=$(command -v nginx)
 CLK_TCK=$(getconf CLK_TCK)
 NCPU=$(nproc)
@@ -79,28 +75,8 @@ NGINX_WC=$((2 * HS_N + 1024))
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-tls.XXXXXX")
 PIDS=()
-# cleanup (the EXIT trap), stop_wait, stop, free_port, wait_port, cpu_ticks, children,
-# start_nginx, start_tollgate, nginx_conf
-# shellcheck source=benches/lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-# "busy total user+system" jiffies of one core (/proc/stat; busy = all but idle and iowait):
-# how busy the proxy's and the load generator's cores were over a run (anything else running
-# counts too). user+system leaves out irq and softirq time, which no process is charged with
-# (the kernel's loopback work is much of it).
-core_jiffies() {
-    awk -v c="cpu$1" '$1 == c { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t, $2 + $3 + $4 }' /proc/stat
-}
-busy_pct() { # "busy0 total0" "busy1 total1" [ticks to leave out]: % of the core's time
-    awk -v a="$1" -v b="$2" -v own="${3:-0}" 'BEGIN { split(a, x, " "); split(b, y, " ");
-        if (y[2] > x[2]) { v = 100 * (y[1] - x[1] - own) / (y[2] - x[2]); printf "%.0f", v < 0 ? 0 : v } else print "?" }'
-}
-
-median_col() { # file column
-    awk -v c="$2" '{print $c}' "$1" | sort -g | awk '{v[NR] = $1} END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-sum_col() { awk -v c="$2" '{s += $c} END {print s + 0}' "$1"; }
 
 log "started $(date -u +%FT%TZ) on $(hostname), $NCPU cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
@@ -152,13 +128,7 @@ ng_conf=$(nginx_conf nginx-proxy "
         ssl_certificate $CERT;
         ssl_certificate_key $KEY;
         ssl_protocols TLSv1.2 TLSv1.3;
-        location / {
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection \"\";
-            proxy_set_header Host \$host;
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-        }
+$PROXY_LOCATION
     }
     # Connections accepted (stub_status), to count the handshakes of a run; plain HTTP.
     server { listen 127.0.0.1:$NG_STATUS; location / { stub_status; } }")
@@ -229,11 +199,6 @@ conns_of() { # name
     fi
 }
 
-# Connections the upstream nginx has accepted so far (stub_status; counts this read too).
-upstream_accepts() {
-    curl -s --max-time 5 "http://127.0.0.1:$UP_PORT/nginx_status" | awk 'NR == 3 {print $1}'
-}
-
 # ---------------------------------------------------------------------------------------------
 # Runs
 
@@ -251,33 +216,17 @@ expected_conns() {
     case $1 in h2) echo "$H2_C" ;; full) echo "$HS_N" ;; resumed) echo "$RS_N" ;; h1) echo "$H1_C" ;; esac
 }
 
-# utime+stime (clock ticks) of this shell's finished children (h2load, curl), /proc/$$/stat
-# fields 16 and 17.
-kids_ticks() {
-    local s
-    s=$(cat "/proc/$$/stat")
-    s=${s##*) }
-    read -r -a f <<<"$s"
-    echo $((f[13] + f[14]))
-}
-
 # phase name run -> appends "rate cpu_us_per_req errors conns proxy_core_busy load_core_busy
 # up_conns foreign" to $TMP/phase.name.results. A run during which something else took more
 # than FOREIGN_MAX % of a core (another build or test on the machine) is done again, up to
 # REDOS times per script.
 bench() {
-    local phase=$1 name=$2 run=$3 attempt
-    for ((attempt = 1; ; attempt++)); do
+    local phase=$1 name=$2 run=$3
+    while :; do
         bench_once "$phase" "$name" "$run"
-        if ((${FOREIGN/\?/0} <= FOREIGN_MAX)); then break; fi
-        if ((REDOS <= 0)); then
-            ODD+=("$phase $name run $run: other processes took ${FOREIGN}% of a core during it (no redos left)")
-            break
-        fi
-        REDOS=$((REDOS - 1))
-        log "$phase $name run $run: other processes took ${FOREIGN}% of a core: again in 10 s ($REDOS redos left)"
-        sleep 10
+        busy_redo "$phase $name run $run" 10 || break
     done
+    [[ -z $BUSY_KEPT ]] || ODD+=("$phase $name run $run: other processes took ${FOREIGN}% of a core during it (no redos left)")
     echo "$RESULT" >>"$TMP/$phase.$name.results"
 }
 
@@ -287,7 +236,7 @@ bench_once() {
     ((SECONDS < MAX_SECONDS)) || die "over MAX_SECONDS=$MAX_SECONDS before $phase $name run $run"
     phase_args "$phase"
     local k0 k1 c0 c1 u0 u1 up0 up1 kid0 kid1 pc0 lc0 pc1 lc1 rc=0 f="$TMP/$phase.$name.h2load.$run"
-    u0=$(upstream_accepts)
+    u0=$(upstream_count accepts)
     read -r -a k0 <<<"$(conns_of "$name")"
     kid0=$(kids_ticks); up0=$(cpu_ticks "${UP_PIDS[@]}"); c0=$(cpu_ticks "${pids[@]}")
     pc0=$(core_jiffies "$PROXY_CORE"); lc0=$(core_jiffies "$LOAD_CORE")
@@ -295,7 +244,7 @@ bench_once() {
     pc1=$(core_jiffies "$PROXY_CORE"); lc1=$(core_jiffies "$LOAD_CORE")
     c1=$(cpu_ticks "${pids[@]}"); up1=$(cpu_ticks "${UP_PIDS[@]}"); kid1=$(kids_ticks)
     read -r -a k1 <<<"$(conns_of "$name")"
-    u1=$(upstream_accepts)
+    u1=$(upstream_count accepts)
     if ((rc != 0)) || ! grep -q '^finished in' "$f"; then
         echo "--- h2load ${ARGS[*]} against $name (rc $rc):" >&2; tail -20 "$f" >&2
         echo "--- $name log tail:" >&2; tail -20 "$TMP/$name.log" "$TMP/$name/error.log" 2>/dev/null >&2 || true
@@ -322,10 +271,7 @@ bench_once() {
     # upstream, h2load, curl), in % of one core.
     local pbusy lbusy
     pbusy=$(busy_pct "$pc0" "$pc1"); lbusy=$(busy_pct "$lc0" "$lc1")
-    FOREIGN=$(awk -v p0="$pc0" -v p1="$pc1" -v l0="$lc0" -v l1="$lc1" -v ours=$((c1 - c0 + up1 - up0 + kid1 - kid0)) 'BEGIN {
-        split(p0, a, " "); split(p1, b, " "); split(l0, c, " "); split(l1, d, " ");
-        if (b[2] <= a[2]) { print "?"; exit }
-        v = 100 * (b[3] - a[3] + d[3] - c[3] - ours) / (b[2] - a[2]); printf "%.0f", v < 0 ? 0 : v }')
+    FOREIGN=$(foreign_pct "$pc0" "$pc1" "$lc0" "$lc1" $((c1 - c0 + up1 - up0 + kid1 - kid0)))
     local up_conns=$((u1 - u0 - 1)) # minus our own status request
     RESULT="$rate $cpu_us $errs $conns $pbusy $lbusy $up_conns $FOREIGN"
     # What was negotiated, for the table (the same for every run of a phase).
@@ -367,7 +313,6 @@ fi
 # ---------------------------------------------------------------------------------------------
 # Table
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 med() { median_col "$TMP/$1.results" "$2"; } # phase.name column
 
 echo

@@ -50,7 +50,11 @@ CRS_SETUP=/etc/modsecurity/crs/crs-setup.conf
 CRS_RULES=/usr/share/modsecurity-crs/rules
 
 die() { echo "waf.sh: $*" >&2; exit 1; }
-log() { echo "# $*" >&2; }
+# cleanup (the EXIT trap), stop_wait, stop, free_port, wait_port, log, build_tollgate, cpu_ticks,
+# children, kids_ticks, core_jiffies, busy_pct, foreign_pct, busy_redo, upstream_count,
+# start_nginx, start_tollgate, nginx_conf, PROXY_LOCATION, median_col, sum_col, ratio
+# shellcheck source=benches/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # ---------------------------------------------------------------------------------------------
 # Tools
@@ -79,17 +83,7 @@ if has ng-pl1 || has ng-pl2 || has tg-pl1 || has tg-pl2; then
     [[ -f $CRS_SETUP && -d $CRS_RULES ]] || die "no CRS in $CRS_SETUP / $CRS_RULES (apt-get install -y modsecurity-crs)"
 fi
 ODD=() # odd things seen, printed under the table
-if has tg-off || has tg-pl1 || has tg-pl2; then
-    if [[ ! -x $BIN ]]; then
-        [[ -z ${TOLLGATE_BIN:-} ]] || die "$BIN is not an executable"
-        log "building $BIN (cargo build --release --bin tollgate; ~5 min cold)"
-        (cd "$ROOT" && timeout 1800 cargo build --release --bin tollgate) >&2 || die "cargo build failed"
-        [[ -x $BIN ]] || die "cargo build left no $BIN"
-    elif [[ -z ${TOLLGATE_BIN:-} ]]; then
-        newer=$(find "$ROOT/src" "$ROOT/Cargo.toml" "$ROOT/Cargo.lock" -newer "$BIN" -print -quit 2>/dev/null || true)
-        [[ -z $newer ]] || ODD+=("$BIN is older than $newer: not rebuilt (cargo build --release --bin tollgate)")
-    fi
-fi
+if has tg-off || has tg-pl1 || has tg-pl2; then build_tollgate; fi
 BIN_BUILT=$( [[ -x $BIN ]] && date -u -r "$BIN" +%FT%TZ || echo "?") # before the runs: a build may replace it meanwhile
 CLK_TCK=$(getconf CLK_TCK)
 NCPU=$(nproc)
@@ -103,32 +97,8 @@ NGINX_WC=1024
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-waf.XXXXXX")
 PIDS=()
-# cleanup (the EXIT trap), stop_wait, stop, free_port, wait_port, cpu_ticks, children,
-# start_nginx, start_tollgate, nginx_conf
-# shellcheck source=benches/lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-# As in tls.sh: "busy total user+system" jiffies of one core (/proc/stat), and how busy it was.
-core_jiffies() {
-    awk -v c="cpu$1" '$1 == c { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t, $2 + $3 + $4 }' /proc/stat
-}
-busy_pct() { # "busy0 total0" "busy1 total1": % of the core's time
-    awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " ");
-        if (y[2] > x[2]) { v = 100 * (y[1] - x[1]) / (y[2] - x[2]); printf "%.0f", v < 0 ? 0 : v } else print "?" }'
-}
-# utime+stime (clock ticks) of this shell's finished children (h2load, curl).
-kids_ticks() {
-    local s
-    s=$(cat "/proc/$$/stat")
-    s=${s##*) }
-    read -r -a f <<<"$s"
-    echo $((f[13] + f[14]))
-}
-median_col() { # file column
-    awk -v c="$2" '{print $c}' "$1" | sort -g | awk '{v[NR] = $1} END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-sum_col() { awk -v c="$2" '{s += $c} END {print s + 0}' "$1"; }
 
 log "started $(date -u +%FT%TZ) on $(hostname), $NCPU cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
@@ -258,13 +228,7 @@ nginx_proxy_conf() { # name config port -> path; bodies stay in memory (client_b
     $modsec
     server {
         listen 127.0.0.1:$3 backlog=4096;
-        location / {
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection \"\";
-            proxy_set_header Host \$host;
-            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-        }
+$PROXY_LOCATION
     }")
     if [[ -n $modsec ]]; then
         modsec_conf "$TMP/$1" "${2#ng-pl}"
@@ -403,9 +367,6 @@ h2load_args() { # request
     body=$(req_body "$1")
     [[ -z $body ]] || ARGS+=(-d "$body")
 }
-upstream_requests() { # requests the upstream has handled so far (stub_status; counts this read)
-    curl -s --max-time 5 "http://127.0.0.1:$UP_PORT/nginx_status" | awk 'NR == 3 {print $3}'
-}
 
 # One run of n requests: sets RESULT="cpu_us n non2xx upstream_missing proxy_busy load_busy
 # foreign" and FOREIGN. Dies if h2load fails.
@@ -415,14 +376,14 @@ run_once() { # config request n tag
     ((SECONDS < MAX_SECONDS)) || die "over MAX_SECONDS=$MAX_SECONDS before $c $q $tag"
     h2load_args "$q"
     local u0 u1 c0 c1 up0 up1 kid0 kid1 pc0 lc0 pc1 lc1
-    u0=$(upstream_requests)
+    u0=$(upstream_count requests)
     kid0=$(kids_ticks); up0=$(cpu_ticks "${UP_PIDS[@]}"); c0=$(cpu_ticks "${pids[@]}")
     pc0=$(core_jiffies "$PROXY_CORE"); lc0=$(core_jiffies "$LOAD_CORE")
     taskset -c "$LOAD_CORE" timeout -k 5 "$RUN_TIMEOUT" h2load "${ARGS[@]}" -n "$n" \
         "http://127.0.0.1:${PORT[$c]}$(req_path "$q")" >"$f" 2>&1 || rc=$?
     pc1=$(core_jiffies "$PROXY_CORE"); lc1=$(core_jiffies "$LOAD_CORE")
     c1=$(cpu_ticks "${pids[@]}"); up1=$(cpu_ticks "${UP_PIDS[@]}"); kid1=$(kids_ticks)
-    u1=$(upstream_requests)
+    u1=$(upstream_count requests)
     if ((rc != 0)) || ! grep -q '^finished in' "$f"; then
         echo "--- h2load ${ARGS[*]} -n $n against $c (rc $rc):" >&2; tail -20 "$f" >&2
         echo "--- $c log tail:" >&2; tail -20 "${LOGF[$c]}" >&2 2>/dev/null || true
@@ -436,12 +397,8 @@ run_once() { # config request n tag
     missing=$((n - (u1 - u0 - 1))) # requests that never reached the upstream (minus our status read)
     cpu_us=$(awk -v t=$((c1 - c0)) -v hz="$CLK_TCK" -v r="$total" 'BEGIN { printf "%.2f", t / hz * 1e6 / r }')
     pbusy=$(busy_pct "$pc0" "$pc1"); lbusy=$(busy_pct "$lc0" "$lc1")
-    # User+system time of both cores that went to none of ours (proxy, upstream, h2load, curl),
-    # in % of one core.
-    FOREIGN=$(awk -v p0="$pc0" -v p1="$pc1" -v l0="$lc0" -v l1="$lc1" -v ours=$((c1 - c0 + up1 - up0 + kid1 - kid0)) 'BEGIN {
-        split(p0, a, " "); split(p1, b, " "); split(l0, c, " "); split(l1, d, " ");
-        if (b[2] <= a[2]) { print "?"; exit }
-        v = 100 * (b[3] - a[3] + d[3] - c[3] - ours) / (b[2] - a[2]); printf "%.0f", v < 0 ? 0 : v }')
+    # Ours: the proxy, the upstream, h2load and curl.
+    FOREIGN=$(foreign_pct "$pc0" "$pc1" "$lc0" "$lc1" $((c1 - c0 + up1 - up0 + kid1 - kid0)))
     RESULT="$cpu_us $total $non2xx $missing $pbusy $lbusy $FOREIGN"
     TICKS=$((c1 - c0))
     log "$c $q $tag: $total requests, ${cpu_us} cpu-us/req, $non2xx non-2xx, $missing not at the upstream, $(awk '/^finished in/ {print $4}' "$f") req/s (cores busy: proxy ${pbusy}%, load ${lbusy}%, others ${FOREIGN}%)"
@@ -474,10 +431,8 @@ wait_quiet() {
         a0=$(core_jiffies "$PROXY_CORE"); b0=$(core_jiffies "$LOAD_CORE")
         sleep 0.5
         a1=$(core_jiffies "$PROXY_CORE"); b1=$(core_jiffies "$LOAD_CORE")
-        o=$(awk -v a0="$a0" -v a1="$a1" -v b0="$b0" -v b1="$b1" 'BEGIN { split(a0, a, " "); split(a1, b, " ");
-            split(b0, c, " "); split(b1, d, " "); if (b[2] <= a[2]) { print 0; exit }
-            printf "%.0f", 100 * (b[3] - a[3] + d[3] - c[3]) / (b[2] - a[2]) }')
-        ((o > FOREIGN_MAX && QUIET_LEFT > 0)) || return 0
+        o=$(foreign_pct "$a0" "$a1" "$b0" "$b1")
+        ((${o/\?/0} > FOREIGN_MAX && QUIET_LEFT > 0)) || return 0
         QUIET_LEFT=$((QUIET_LEFT - 1))
         QUIET_WAITED=$((QUIET_WAITED + 1))
         ((QUIET_WAITED % 20 != 1)) || log "other processes take ${o}% of a core: waiting ($((QUIET_LEFT / 2)) s of waiting left)"
@@ -485,18 +440,15 @@ wait_quiet() {
 }
 
 bench() { # config request run
-    local c=$1 q=$2 r=$3 attempt
-    for ((attempt = 1; ; attempt++)); do
+    local c=$1 q=$2 r=$3
+    while :; do
         wait_quiet
         run_once "$c" "$q" "${N[$c.$q]}" "run-$r"
-        if ((${FOREIGN/\?/0} <= FOREIGN_MAX)); then break; fi
-        if ((REDOS <= 0 || QUIET_LEFT <= 0)); then
-            BUSY_RUNS+=("$c $q run $r: ${FOREIGN}%")
-            break
-        fi
-        REDOS=$((REDOS - 1))
-        log "$c $q run $r: other processes took ${FOREIGN}% of a core: again ($REDOS redos left)"
+        # With no waiting left, a redo would meet the same load: none any more.
+        ((QUIET_LEFT > 0)) || REDOS=0
+        busy_redo "$c $q run $r" || break
     done
+    [[ -z $BUSY_KEPT ]] || BUSY_RUNS+=("$c $q run $r: ${FOREIGN}%")
     echo "$RESULT" >>"$TMP/$c.$q.results"
     read -r _ total non2xx missing _ <<<"$RESULT"
     ((non2xx == 0)) || ODD+=("$c $q run $r: $non2xx of $total responses not 2xx")
