@@ -86,6 +86,16 @@ fn idempotent(method: &http::Method) -> bool {
     )
 }
 
+/// Adds what a later screening step found to the access log's `screened`.
+fn note_screened(ctx: &mut Ctx, found: Option<String>) {
+    if let Some(found) = found {
+        ctx.screened = Some(match ctx.screened.take() {
+            Some(s) => format!("{s},{found}"),
+            None => found,
+        });
+    }
+}
+
 fn declared_length(session: &Session) -> Option<u64> {
     session
         .req_header()
@@ -154,12 +164,7 @@ impl Proxy {
             &ctx.request_id,
             ctx.body.as_deref(),
         );
-        if let Some(found) = verdict.found {
-            ctx.screened = Some(match ctx.screened.take() {
-                Some(s) => format!("{s},{found}"),
-                None => found,
-            });
-        }
+        note_screened(ctx, verdict.found);
         match verdict.refusal {
             Some(r) => Err(r),
             None => Ok(()),
@@ -193,12 +198,7 @@ impl Proxy {
         let s = self
             .gateway
             .screen_body(snap, index, ctx.real_ip, session.req_header(), body);
-        if let Some(found) = s.found {
-            ctx.screened = Some(match ctx.screened.take() {
-                Some(prev) => format!("{prev},{found}"),
-                None => found,
-            });
-        }
+        note_screened(ctx, s.found);
         if let Some(r) = s.refusal {
             return Err(r);
         }
