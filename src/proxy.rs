@@ -142,12 +142,12 @@ impl Proxy {
             return Ok(());
         };
         let declared = declared_length(session);
-        let has_body = declared.is_some_and(|n| n > 0)
-            || session
-                .req_header()
-                .headers
-                .contains_key(http::header::TRANSFER_ENCODING);
-        if has_body && ctx.body.is_none() && !session.is_upgrade_req() {
+        // HTTP/2 bodies often come without Content-Length: ask the session, not the headers.
+        let has_body = !session.is_body_empty();
+        // gRPC bodies are framed protobuf and often open-ended streams: reading one whole
+        // before proxying would stall a streaming call, so gRPC gets its head inspected only.
+        let streaming = crate::respond::is_grpc(&session.req_header().headers);
+        if has_body && ctx.body.is_none() && !session.is_upgrade_req() && !streaming {
             let max = (route_waf.body_limit as u64).min(ctx.max_body);
             match declared {
                 Some(n) if n > max && n <= ctx.max_body && waf.skips_large_bodies() => {}
@@ -180,16 +180,16 @@ impl Proxy {
         snap: &Snapshot,
         index: usize,
     ) -> std::result::Result<(), Reject> {
-        if !snap.bindings[index].rules || !snap.rules.needs_body() || session.is_upgrade_req() {
+        if !snap.bindings[index].rules
+            || !snap.rules.needs_body()
+            || session.is_upgrade_req()
+            || crate::respond::is_grpc(&session.req_header().headers)
+        {
             return Ok(());
         }
         let max = crate::waf::MAX_BODY_LIMIT.min(ctx.max_body);
-        let declared = declared_length(session);
-        let chunked = session
-            .req_header()
-            .headers
-            .contains_key(http::header::TRANSFER_ENCODING);
-        if ctx.body.is_none() && (declared.is_some_and(|n| n > 0 && n <= max) || chunked) {
+        let too_large = declared_length(session).is_some_and(|n| n > max);
+        if ctx.body.is_none() && !session.is_body_empty() && !too_large {
             ctx.body = Some(read_body(session, max).await?);
         }
         let Some(body) = ctx.body.as_deref() else {

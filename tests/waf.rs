@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde_json::Value;
 
-use common::{config, Gateway, HttpBackend, RawConn, Req, WsEchoServer};
+use common::{base, config, Gateway, HttpBackend, RawConn, Req, WsEchoServer};
 
 const CRS_SETUP: &str = "/etc/modsecurity/crs/crs-setup.conf";
 const CRS_RULES: &str = "/usr/share/modsecurity-crs/rules";
@@ -1575,4 +1575,58 @@ fn chain_starter_setvar_is_seen_by_the_chained_rule() {
     let s = assert_blocked(&gw, &app, &browser_get("/x?ext=sql"), "chained TX test");
     assert_eq!(waf_rules(&s), ["100201"], "screened {s:?}");
     assert_passes(&gw, &browser_get("/x?ext=pdf"), "chain does not match");
+}
+
+/// HTTP/2 request bodies need not carry Content-Length (curl's `-T -` streams stdin): the WAF
+/// still reads and inspects them, and the upstream still gets them whole.
+#[test]
+fn http2_bodies_without_content_length_are_inspected() {
+    let app = HttpBackend::start("app");
+    let head = base().replace(
+        r#"address: "127.0.0.1:$PORT" }"#,
+        r#"address: "127.0.0.1:$PORT", h2c: true }"#,
+    );
+    let gw = Gateway::start(&format!(
+        "{head}bots: {{ mode: off }}\nwaf: {{ mode: block }}\nupstreams:\n  app: {{ backends: [ {{ address: \"{}\" }} ] }}\nroutes:\n  - {{ name: all, upstream: app }}\n",
+        app.addr()
+    ));
+    let send = |json: &str| {
+        let mut child = Command::new("curl")
+            .args(["-s", "--http2-prior-knowledge", "-X", "POST", "-T", "-"])
+            .args([
+                "-H",
+                "content-type: application/json",
+                "-H",
+                "host: shop.example.com",
+            ])
+            .args([
+                "-H",
+                "user-agent: Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0",
+            ])
+            .args(["-H", "accept: application/json"])
+            .args(["-o", "/dev/null", "-w", "%{http_code} %{http_version}"])
+            .arg(format!("http://{}/api/orders", gw.addr()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("curl runs");
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(json.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let before = app.hits();
+    assert_eq!(send(r#"{"q":"1' OR '1'='1' --"}"#), "403 2");
+    assert_eq!(
+        app.hits(),
+        before,
+        "the refused body never reached the upstream"
+    );
+    assert_eq!(send(r#"{"q":"shoes","n":2}"#), "200 2");
+    assert_eq!(app.hits(), before + 1);
 }
