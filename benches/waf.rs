@@ -80,7 +80,7 @@ fn bench(c: &mut Criterion) {
             protocol: "HTTP/1.1",
             headers,
             authority: None,
-            remote_addr: "203.0.113.7".into(),
+            remote_addr: "203.0.113.7",
             unique_id: "bench",
         };
         let small = head("GET", "/search?q=shoes&page=2&sort=price", &get);

@@ -82,6 +82,17 @@ pub struct Screening {
     pub verify: Option<usize>,
 }
 
+/// Adds what a later screening step found (the WAF after bots, say) to the access log's
+/// `screened` list.
+pub fn add_found(screened: &mut Option<String>, found: Option<String>) {
+    if let Some(found) = found {
+        *screened = Some(match screened.take() {
+            Some(s) => format!("{s},{found}"),
+            None => found,
+        });
+    }
+}
+
 /// What `/status` reports.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Status {
@@ -642,7 +653,7 @@ impl Gateway {
             Screen::Pass => {}
         }
         let head = crate::router::RequestHead::from_parts(req);
-        let verdict = snap.evaluate_rules(index, &head, client);
+        let verdict = snap.evaluate_rules(index, &head, client, None);
         self.rules_outcome(route, &verdict, out, found)
     }
 
@@ -656,12 +667,9 @@ impl Gateway {
         req: &pingora_http::RequestHeader,
         body: &[u8],
     ) -> Screening {
-        if !snap.bindings[index].rules {
-            return Screening::default();
-        }
         let route = snap.router.routes()[index].name.as_str();
         let head = crate::router::RequestHead::from_parts(req);
-        let verdict = snap.rules.evaluate_body(&head, client, body);
+        let verdict = snap.evaluate_rules(index, &head, client, Some(body));
         self.rules_outcome(route, &verdict, Screening::default(), Vec::new())
     }
 
@@ -726,7 +734,7 @@ impl Gateway {
             },
             headers: &req.headers,
             authority: req.uri.authority().map(|a| a.as_str()),
-            remote_addr: remote,
+            remote_addr: &remote,
             unique_id: request_id,
         };
         let outcome = waf.inspect(route_waf, &head, body);

@@ -64,7 +64,7 @@ pub struct Ctx {
     real_ip: Option<std::net::IpAddr>,
     /// Index into `snap.listeners` of the listener the request came in on.
     listener: Option<usize>,
-    /// What the IP rules or bot detection found (`bot:sqlmap`), blocked or only detected.
+    /// What screening found (`bot:sqlmap`, `rule:x`, `waf:942100`), blocked or only detected.
     screened: Option<String>,
     /// The request body when the WAF or the auth policy read it (replayed to the upstream).
     body: Option<Vec<u8>>,
@@ -84,16 +84,6 @@ fn idempotent(method: &http::Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     )
-}
-
-/// Adds what a later screening step found to the access log's `screened`.
-fn note_screened(ctx: &mut Ctx, found: Option<String>) {
-    if let Some(found) = found {
-        ctx.screened = Some(match ctx.screened.take() {
-            Some(s) => format!("{s},{found}"),
-            None => found,
-        });
-    }
 }
 
 fn declared_length(session: &Session) -> Option<u64> {
@@ -148,7 +138,7 @@ impl Proxy {
         // before proxying would stall a streaming call, so gRPC gets its head inspected only.
         let streaming = crate::respond::is_grpc(&session.req_header().headers);
         if has_body && ctx.body.is_none() && !session.is_upgrade_req() && !streaming {
-            let max = (route_waf.body_limit as u64).min(ctx.max_body);
+            let max = waf.body_limit().min(ctx.max_body);
             match declared {
                 Some(n) if n > max && n <= ctx.max_body && waf.skips_large_bodies() => {}
                 Some(n) if n > max => return Err(Reject::BodyTooLarge),
@@ -164,7 +154,7 @@ impl Proxy {
             &ctx.request_id,
             ctx.body.as_deref(),
         );
-        note_screened(ctx, verdict.found);
+        crate::gateway::add_found(&mut ctx.screened, verdict.found);
         match verdict.refusal {
             Some(r) => Err(r),
             None => Ok(()),
@@ -198,7 +188,7 @@ impl Proxy {
         let s = self
             .gateway
             .screen_body(snap, index, ctx.real_ip, session.req_header(), body);
-        note_screened(ctx, s.found);
+        crate::gateway::add_found(&mut ctx.screened, s.found);
         if let Some(r) = s.refusal {
             return Err(r);
         }
@@ -525,12 +515,7 @@ impl ProxyHttp for Proxy {
                 if session.is_upgrade_req() && !route.websocket.enabled {
                     return self.reject(session, ctx, Reject::WebSocketDisabled).await;
                 }
-                let declared = req
-                    .headers
-                    .get(http::header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok());
-                if declared.is_some_and(|n| n > route.max_body) {
+                if declared_length(session).is_some_and(|n| n > route.max_body) {
                     return self.reject(session, ctx, Reject::BodyTooLarge).await;
                 }
                 let target = route.split.choose(&head, ctx.client.ip);

@@ -213,17 +213,22 @@ impl Snapshot {
         c.page(&c.token(unix_now(), client, ua), https)
     }
 
-    /// The custom rules' verdict for a request on route `index` (after [`Self::screen`]).
+    /// The custom rules' verdict for a request on route `index`: the head-only rules (after
+    /// [`Self::screen`]), or with `body` the rules with a body condition.
     pub fn evaluate_rules(
         &self,
         index: usize,
         req: &crate::router::RequestHead<'_>,
         client: Option<std::net::IpAddr>,
+        body: Option<&[u8]>,
     ) -> crate::policy::rules::Verdict<'_> {
         if !self.bindings[index].rules || self.rules.is_empty() {
             return crate::policy::rules::Verdict::default();
         }
-        self.rules.evaluate(req, client)
+        match body {
+            None => self.rules.evaluate(req, client),
+            Some(b) => self.rules.evaluate_body(req, client, b),
+        }
     }
 
     pub fn upstream_of(&self, route_index: usize) -> Option<&Arc<Upstream>> {

@@ -269,12 +269,7 @@ async fn decide(gateway: &Gateway, head: &[u8], client_stream: &Stream, seen: &m
     if let Some(route_waf) = snap.waf.as_deref().and_then(|w| w.route(route.index)) {
         let verdict =
             gateway.inspect_waf(&snap, route.index, route_waf, &request, real_ip, &rid, None);
-        if let Some(found) = verdict.found {
-            seen.screened = Some(match seen.screened.take() {
-                Some(s) => format!("{s},{found}"),
-                None => found,
-            });
-        }
+        crate::gateway::add_found(&mut seen.screened, verdict.found);
         if let Some(r) = verdict.refusal {
             return Plan::Reject(r, rid);
         }
@@ -319,8 +314,7 @@ async fn decide(gateway: &Gateway, head: &[u8], client_stream: &Stream, seen: &m
     let target = route.split.choose(&head_view, client.ip);
     let subset = binding.subsets[target];
     let hash = upstream.hash_key(&request, client.ip);
-    let host = head_view.host.unwrap_or("").to_string();
-    let path = request.uri.path().to_string();
+    let (host, path) = (seen.host.clone(), seen.path.clone());
     if let Some(tags) = screening.tags {
         let _ = request.insert_header(crate::policy::rules::TAGS_HEADER, tags);
     }

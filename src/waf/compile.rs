@@ -33,6 +33,17 @@ pub struct Ruleset {
     pub notes: Vec<String>,
     /// Files read, in order.
     pub files: Vec<PathBuf>,
+    /// TX:anomaly_score, which CRS adds every match to (reported with the outcome).
+    pub score_slot: Option<u16>,
+}
+
+impl Ruleset {
+    /// The slot of a TX variable some rule names (names are case-insensitive).
+    pub fn slot(&self, name: &[u8]) -> Option<usize> {
+        self.tx_names
+            .iter()
+            .position(|n| n.as_bytes().eq_ignore_ascii_case(name))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -324,25 +335,7 @@ impl Builder {
     }
 
     fn expand(&mut self, s: &str) -> Result<Expand, String> {
-        let mut names = Vec::new();
-        let e = Expand::parse(s, &mut |n| {
-            names.push(n.to_string());
-            u16::MAX - names.len() as u16
-        })?;
-        // Re-parse with real slots now that the borrow is over.
-        let mut slots = Vec::new();
-        for n in &names {
-            slots.push(self.intern_tx(n));
-        }
-        let mut k = 0;
-        let mut e = e;
-        for p in &mut e.parts {
-            if let super::macros::Part::Tx(s) = p {
-                *s = slots[k];
-                k += 1;
-            }
-        }
-        Ok(e)
+        Expand::parse(s, &mut |n| self.intern_tx(n))
     }
 
     fn read_file(&mut self, path: &Path, depth: usize) -> Result<(), Vec<SyntaxError>> {
@@ -779,17 +772,9 @@ impl Builder {
     fn target(&mut self, v: &RawVariable) -> Result<Target, String> {
         let var = Var::parse(&v.collection)
             .ok_or_else(|| format!("variable {} is not supported", v.collection))?;
-        let sel = match &v.selector {
-            None => Selector::All,
-            Some(RawSelector::Key(k)) if var == Var::Tx => Selector::TxSlot(self.intern_tx(k)),
-            Some(RawSelector::Key(k)) => Selector::Key(k.to_ascii_lowercase().into_bytes()),
-            Some(RawSelector::Regex(r)) => Selector::Regex(
-                regex::bytes::RegexBuilder::new(&operator::translate_pcre(r, true))
-                    .case_insensitive(true)
-                    .unicode(false)
-                    .build()
-                    .map_err(|e| format!("selector /{r}/: {e}"))?,
-            ),
+        let sel = match (var, &v.selector) {
+            (Var::Tx, Some(RawSelector::Key(k))) => Selector::TxSlot(self.intern_tx(k)),
+            (_, raw) => selector(raw)?,
         };
         Ok(Target {
             var,
@@ -1057,6 +1042,7 @@ impl Builder {
             );
         }
         Ok(Ruleset {
+            score_slot: self.tx.get("anomaly_score").copied(),
             rules: self.rules,
             phases,
             tx_names: self.tx_names,
@@ -1100,6 +1086,21 @@ fn tx_only(rule: &Rule) -> bool {
                 Effect::Unset(TxName::Slot(_)) => true,
                 _ => false,
             })
+    })
+}
+
+/// A target's `:key` or `:/regex/` (names compare without case; regexes as `@rx` reads them).
+pub fn selector(raw: &Option<RawSelector>) -> Result<Selector, String> {
+    Ok(match raw {
+        None => Selector::All,
+        Some(RawSelector::Key(k)) => Selector::Key(k.to_ascii_lowercase().into_bytes()),
+        Some(RawSelector::Regex(r)) => Selector::Regex(
+            regex::bytes::RegexBuilder::new(&operator::translate_pcre(r, true))
+                .case_insensitive(true)
+                .unicode(false)
+                .build()
+                .map_err(|e| format!("selector /{r}/: {e}"))?,
+        ),
     })
 }
 

@@ -25,8 +25,6 @@ pub struct RouteWaf {
     pub removed: Vec<bool>,
     /// Targets a rule ignores on this route, by rule index.
     pub target_excludes: Vec<Vec<Target>>,
-    pub body_limit: usize,
-    pub score_slot: Option<u16>,
 }
 
 /// A rule that matched and logs.
@@ -53,13 +51,12 @@ pub struct Outcome {
 
 /// Runs phases 1 and 2. `body`: what was read of the request body (None: no body).
 pub fn inspect(rs: &Ruleset, route: &RouteWaf, head: &Head<'_>, body: Option<&[u8]>) -> Outcome {
-    let mut t = Txn::new(rs, route, Request::new(head));
-    t.tx = route
+    let tx = route
         .start
         .tx
         .iter()
-        .map(|v| v.as_deref().map(Cow::Borrowed))
-        .collect();
+        .map(|v| v.as_deref().map(Cow::Borrowed));
+    let mut t = Txn::new(rs, route, Request::new(head), tx.collect());
     let mut cache = Cache::new(rs.chains.len(), t.req.ids());
     if t.run_phase(&mut cache, 0, route.start.step) {
         if let Some(b) = body {
@@ -69,7 +66,7 @@ pub fn inspect(rs: &Ruleset, route: &RouteWaf, head: &Head<'_>, body: Option<&[u
         }
         t.run_phase(&mut cache, 1, 0);
     }
-    t.out.score = route
+    t.out.score = rs
         .score_slot
         .and_then(|s| t.tx[s as usize].as_deref().map(atoi))
         .unwrap_or(0);
@@ -94,14 +91,14 @@ pub fn start(rs: &Ruleset, route: &RouteWaf, presets: &[(u16, Vec<u8>)]) -> Star
         protocol: "HTTP/1.1",
         headers: &headers,
         authority: None,
-        remote_addr: String::new(),
+        remote_addr: "",
         unique_id: "",
     };
-    let mut t = Txn::new(rs, route, Request::new(&head));
-    t.tx = vec![None; rs.tx_names.len()];
+    let mut tx = vec![None; rs.tx_names.len()];
     for (slot, v) in presets {
-        t.tx[*slot as usize] = Some(Cow::Owned(v.clone()));
+        tx[*slot as usize] = Some(Cow::Owned(v.clone()));
     }
+    let mut t = Txn::new(rs, route, Request::new(&head), tx);
     let mut cache = Cache::new(rs.chains.len(), t.req.ids());
     let steps = &rs.phases[0];
     let mut i = 0;
@@ -290,12 +287,17 @@ fn same_var(excl: Var, var: Var) -> bool {
 }
 
 impl<'r, 'a> Txn<'r, 'a> {
-    fn new(rs: &'r Ruleset, route: &'r RouteWaf, req: Request<'a>) -> Txn<'r, 'a> {
+    fn new(
+        rs: &'r Ruleset,
+        route: &'r RouteWaf,
+        req: Request<'a>,
+        tx: Vec<Option<Cow<'r, [u8]>>>,
+    ) -> Txn<'r, 'a> {
         Txn {
             rs,
             route,
             req,
-            tx: Vec::new(),
+            tx,
             tx_extra: Vec::new(),
             matched_var: Vec::new(),
             matched_var_name: Vec::new(),
@@ -586,19 +588,12 @@ impl Txn<'_, '_> {
         });
     }
 
-    fn tx_slot_of(&self, name: &[u8]) -> Option<usize> {
-        self.rs
-            .tx_names
-            .iter()
-            .position(|n| n.as_bytes().eq_ignore_ascii_case(name))
-    }
-
     fn tx_get(&self, name: &TxName) -> Option<Vec<u8>> {
         match name {
             TxName::Slot(s) => self.tx[*s as usize].as_deref().map(<[u8]>::to_vec),
             TxName::Dynamic(e) => {
                 let n = self.expand(e).to_ascii_lowercase();
-                match self.tx_slot_of(&n) {
+                match self.rs.slot(&n) {
                     Some(s) => self.tx[s].as_deref().map(<[u8]>::to_vec),
                     None => self
                         .tx_extra
@@ -615,7 +610,7 @@ impl Txn<'_, '_> {
             TxName::Slot(s) => self.tx[*s as usize] = v.map(Cow::Owned),
             TxName::Dynamic(e) => {
                 let n = self.expand(e).to_ascii_lowercase();
-                if let Some(s) = self.tx_slot_of(&n) {
+                if let Some(s) = self.rs.slot(&n) {
                     self.tx[s] = v.map(Cow::Owned);
                     return;
                 }

@@ -143,6 +143,7 @@ pub enum IdSpec {
 pub struct Waf {
     pub ruleset: Arc<Ruleset>,
     routes: Vec<Option<RouteWaf>>,
+    body_limit: u64,
     body_limit_action: BodyLimitAction,
 }
 
@@ -150,6 +151,11 @@ impl Waf {
     /// The route's WAF (`None`: off there).
     pub fn route(&self, config_index: usize) -> Option<&RouteWaf> {
         self.routes.get(config_index).and_then(Option::as_ref)
+    }
+
+    /// Bodies are read and inspected up to this many bytes (`waf.body_limit`).
+    pub fn body_limit(&self) -> u64 {
+        self.body_limit
     }
 
     pub fn skips_large_bodies(&self) -> bool {
@@ -264,7 +270,6 @@ pub fn compile(
             return Err(errors);
         }
     };
-    let slot = |name: &str| rs.tx_names.iter().position(|n| n == name).map(|s| s as u16);
     let global_excl = exclusions(&rs, &global.exclusions, "waf.exclusions", &mut errors);
     let mut out = Vec::with_capacity(routes.len());
     for (i, r) in routes.iter().enumerate() {
@@ -296,8 +301,8 @@ pub fn compile(
             ("executing_paranoia_level", paranoia.to_string()),
             ("inbound_anomaly_score_threshold", threshold.to_string()),
         ] {
-            if let Some(s) = slot(name) {
-                presets.push((s, v.into_bytes()));
+            if let Some(s) = rs.slot(name.as_bytes()) {
+                presets.push((s as u16, v.into_bytes()));
             }
         }
         let mut route = RouteWaf {
@@ -305,8 +310,6 @@ pub fn compile(
             start: eval::Start::default(),
             removed,
             target_excludes: targets,
-            body_limit: global.body_limit.get() as usize,
-            score_slot: slot("anomaly_score"),
         };
         route.start = eval::start(&rs, &route, &presets);
         out.push(Some(route));
@@ -317,6 +320,7 @@ pub fn compile(
     Ok(Some(Waf {
         ruleset: rs,
         routes: out,
+        body_limit: global.body_limit.get(),
         body_limit_action: global.body_limit_action,
     }))
 }
@@ -397,21 +401,9 @@ fn target(s: &str) -> Result<compile::Target, String> {
     let raw = v.remove(0);
     let var = request::Var::parse(&raw.collection)
         .ok_or_else(|| format!("`{}` is not a variable the WAF knows", raw.collection))?;
-    let sel = match raw.selector {
-        None => compile::Selector::All,
-        Some(seclang::RawSelector::Key(k)) => {
-            compile::Selector::Key(k.to_ascii_lowercase().into_bytes())
-        }
-        Some(seclang::RawSelector::Regex(r)) => compile::Selector::Regex(
-            regex::bytes::RegexBuilder::new(&r)
-                .case_insensitive(true)
-                .build()
-                .map_err(|e| format!("/{r}/: {e}"))?,
-        ),
-    };
     Ok(compile::Target {
         var,
-        sel,
+        sel: compile::selector(&raw.selector)?,
         count: false,
     })
 }

@@ -303,7 +303,7 @@ pub struct Head<'a> {
     pub headers: &'a http::HeaderMap,
     /// `:authority` of an HTTP/2 request, which then has no Host header.
     pub authority: Option<&'a str>,
-    pub remote_addr: String,
+    pub remote_addr: &'a str,
     pub unique_id: &'a str,
 }
 
@@ -317,10 +317,7 @@ impl<'a> Request<'a> {
             processor: Processor::None,
         };
         let raw = h.target;
-        let (path_raw, query) = match raw.split_once('?') {
-            Some((p, q)) => (p, Some(q)),
-            None => (raw, None),
-        };
+        let query = raw.split_once('?').map(|(_, q)| q);
         let decoded = percent_decode(raw.as_bytes());
         let filename: Cow<'a, [u8]> = match query {
             Some(_) => {
@@ -337,7 +334,6 @@ impl<'a> Request<'a> {
             Some(_) => Cow::Borrowed(&b""[..]),
             None => filename.clone(),
         };
-        let _ = path_raw;
         r.set(Scalar::Uri, decoded);
         r.set(Scalar::UriRaw, Cow::Borrowed(raw.as_bytes()));
         r.set(Scalar::Filename, filename);
@@ -349,10 +345,7 @@ impl<'a> Request<'a> {
         r.set(Scalar::Method, Cow::Borrowed(h.method.as_bytes()));
         r.set(Scalar::Protocol, Cow::Borrowed(h.protocol.as_bytes()));
         r.set(Scalar::Query, Cow::Borrowed(query.unwrap_or("").as_bytes()));
-        r.set(
-            Scalar::RemoteAddr,
-            Cow::Owned(h.remote_addr.clone().into_bytes()),
-        );
+        r.set(Scalar::RemoteAddr, Cow::Borrowed(h.remote_addr.as_bytes()));
         r.set(Scalar::UniqueId, Cow::Borrowed(h.unique_id.as_bytes()));
         r.set(Scalar::BodyError, Cow::Borrowed(b"0"));
 
@@ -637,7 +630,7 @@ mod tests {
             protocol: "HTTP/1.1",
             headers,
             authority: None,
-            remote_addr: "192.0.2.1".into(),
+            remote_addr: "192.0.2.1",
             unique_id: "id",
         }
     }

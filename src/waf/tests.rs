@@ -7,26 +7,21 @@ fn crs() -> Arc<Ruleset> {
     ruleset(&default_rules(), Path::new("/")).expect("Debian's CRS loads")
 }
 
-fn route(rs: &Ruleset, paranoia: u8, detect: bool) -> RouteWaf {
+/// Debian's CRS and a blocking route's view of it at `paranoia`, from one compile.
+fn route(paranoia: u8) -> (Arc<Ruleset>, RouteWaf) {
     let settings = WafSettings {
-        mode: if detect {
-            WafMode::Detect
-        } else {
-            WafMode::Block
-        },
+        mode: WafMode::Block,
         paranoia,
         ..Default::default()
     };
-    let _ = rs;
     let waf = compile(&settings, &[None], Path::new("/"))
-        .unwrap()
-        .unwrap();
-    waf.route(0).unwrap().clone()
+        .expect("Debian's CRS loads")
+        .expect("the WAF is on");
+    (waf.ruleset.clone(), waf.route(0).unwrap().clone())
 }
 
 fn check(target: &str, headers: &[(&str, &str)], body: Option<&str>) -> Outcome {
-    let rs = crs();
-    let r = route(&rs, 1, false);
+    let (rs, r) = route(1);
     let mut h = http::HeaderMap::new();
     h.insert("host", "shop.example.com".parse().unwrap());
     h.insert(
@@ -48,7 +43,7 @@ fn check(target: &str, headers: &[(&str, &str)], body: Option<&str>) -> Outcome 
         protocol: "HTTP/1.1",
         headers: &h,
         authority: None,
-        remote_addr: "203.0.113.9".into(),
+        remote_addr: "203.0.113.9",
         unique_id: "t",
     };
     eval::inspect(&rs, &r, &head, body.map(str::as_bytes))
@@ -94,30 +89,18 @@ fn benign_requests_pass_and_attacks_are_refused() {
 
 #[test]
 fn the_setup_rules_run_once_per_route_not_per_request() {
-    let rs = crs();
-    let r = route(&rs, 1, false);
+    let (rs, r) = route(1);
     // crs-setup's 900990 and 901's defaults read and write only TX.
     let skipped = rs.phases[0][..r.start.step]
         .iter()
         .filter(|s| matches!(s, compile::Step::Rule(_)))
         .count();
     assert!(skipped >= 20, "{skipped}");
-    let slot = rs
-        .tx_names
-        .iter()
-        .position(|n| n == "critical_anomaly_score")
-        .unwrap();
+    let slot = rs.slot(b"critical_anomaly_score").unwrap();
     assert_eq!(r.start.tx[slot].as_deref(), Some(&b"5"[..]));
-    let pl = rs
-        .tx_names
-        .iter()
-        .position(|n| n == "executing_paranoia_level")
-        .unwrap();
+    let pl = rs.slot(b"executing_paranoia_level").unwrap();
     assert_eq!(r.start.tx[pl].as_deref(), Some(&b"1"[..]));
-    assert_eq!(
-        route(&rs, 3, false).start.tx[pl].as_deref(),
-        Some(&b"3"[..])
-    );
+    assert_eq!(route(3).1.start.tx[pl].as_deref(), Some(&b"3"[..]));
 }
 
 #[test]
@@ -137,8 +120,6 @@ fn captures_come_from_the_value_that_matched_not_the_last_one_tried() {
         },
         removed: vec![false; rs.rules.len()],
         target_excludes: vec![Vec::new(); rs.rules.len()],
-        body_limit: 65536,
-        score_slot: None,
     };
     let h = http::HeaderMap::new();
     let head = Head {
@@ -147,7 +128,7 @@ fn captures_come_from_the_value_that_matched_not_the_last_one_tried() {
         protocol: "HTTP/1.1",
         headers: &h,
         authority: None,
-        remote_addr: "192.0.2.1".into(),
+        remote_addr: "192.0.2.1",
         unique_id: "t",
     };
     assert_eq!(eval::inspect(&rs, &r, &head, None).blocked_by, Some(2));
