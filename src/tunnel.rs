@@ -160,6 +160,8 @@ pub struct TunnelPlan {
     /// Who opened the tunnel (routes with `auth`), for the access log.
     consumer: Option<String>,
     tenant: Option<String>,
+    /// What screening found but let pass (detect mode, `log` rules, WAF matches).
+    screened: Option<String>,
     /// The tenant's WebSocket slot: released when the tunnel ends, however it ends.
     _quota: Option<quota::Admission>,
 }
@@ -374,6 +376,7 @@ async fn decide(gateway: &Gateway, head: &[u8], client_stream: &Stream, seen: &m
         started,
         consumer,
         tenant,
+        screened: seen.screened.take(),
         _quota: admission,
     }))
 }
@@ -477,7 +480,7 @@ pub async fn run(
         upstream_ms: outcome.upstream_ms,
         websocket: true,
         error: outcome.error,
-        screened: None,
+        screened: plan.screened.as_deref(),
         consumer: plan.consumer.as_deref(),
         tenant: plan.tenant.as_deref(),
     });

@@ -1522,6 +1522,24 @@ routes:
         rules.iter().any(|r| r.starts_with("941")),
         "an XSS rule: {line}"
     );
+
+    // A handshake that matches rules under the threshold upgrades, and the tunnel's line
+    // (written when it ends) names them too (920220, invalid URL encoding, scores 3).
+    let passed = gw.send(&handshake("/ws?q=%zz"));
+    assert_eq!(passed.status, 101, "under the threshold: {}", passed.text());
+    let id = passed
+        .header("x-request-id")
+        .expect("x-request-id")
+        .to_string();
+    drop(passed);
+    let line = gw
+        .wait_access_log(&id, Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no access log line for the tunnel {id}"));
+    assert_eq!(line["status"], 101, "{line}");
+    assert!(
+        waf_rules(&screened_of(&line)).iter().any(|r| r == "920220"),
+        "{line}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
