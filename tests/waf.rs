@@ -1309,6 +1309,16 @@ fn tollgate_check(config_path: &Path) -> Run {
     }
 }
 
+/// A gateway config whose WAF loads `rules`, written to `dir/name` and run through `tollgate
+/// check`; returns the config template (for `Gateway::start`) and what check said.
+fn check_with_rules(dir: &Path, app: &HttpBackend, rules: &Path, name: &str) -> (String, Run) {
+    let template = rules_config(&app.addr(), rules);
+    let cfg = dir.join(name);
+    fs::write(&cfg, fill_for_check(&template, dir)).unwrap();
+    let run = tollgate_check(&cfg);
+    (template, run)
+}
+
 fn rules_config(app: &str, rules: &Path) -> String {
     config(&format!(
         r#"bots: {{ mode: off }}
@@ -1342,11 +1352,7 @@ SecRule RESPONSE_BODY \"@rx x\" \"id:100002,phase:4,deny\"\n\
 SecRule ARGS \"@fuzzyHash /nonexistent/hashes.ssdeep 10\" \"id:100003,phase:2,deny\"\n";
     fs::write(&rules, text).unwrap();
     let app = HttpBackend::start("app");
-    let template = rules_config(&app.addr(), &rules);
-    let cfg = dir.path().join("tollgate.yaml");
-    fs::write(&cfg, fill_for_check(&template, dir.path())).unwrap();
-
-    let run = tollgate_check(&cfg);
+    let (template, run) = check_with_rules(dir.path(), &app, &rules, "tollgate.yaml");
     assert_eq!(
         run.code,
         Some(0),
@@ -1395,10 +1401,7 @@ SecRule ARGS:probe \"@streq ok\" \"id:100011,phase:2,deny\"\n\
 SecRule ARGS:other \"@streq bad\" \"id:100012,phase:2,deny\n",
     )
     .unwrap();
-    let template = rules_config(&app.addr(), &broken);
-    let cfg = dir.path().join("broken.yaml");
-    fs::write(&cfg, fill_for_check(&template, dir.path())).unwrap();
-    let run = tollgate_check(&cfg);
+    let (_, run) = check_with_rules(dir.path(), &app, &broken, "broken.yaml");
     assert_eq!(
         run.code,
         Some(1),
@@ -1415,7 +1418,7 @@ SecRule ARGS:other \"@streq bad\" \"id:100012,phase:2,deny\n",
     // And the gateway refuses to start on it.
     let started = Command::new(common::BIN)
         .arg("-c")
-        .arg(&cfg)
+        .arg(dir.path().join("broken.yaml"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
