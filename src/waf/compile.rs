@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use super::macros::Expand;
 use super::operator::{self, Cmp, Kind, Operator, Rx};
+use super::prefilter::{self, Prefilter};
 use super::request::{Processor, Var};
 use super::seclang::{self, Directive, RawSelector, RawVariable, SyntaxError};
 use super::transform::Transform;
@@ -27,6 +28,9 @@ pub struct Ruleset {
     /// chains share prefixes (`urlDecodeUni`, then `lowercase` or `htmlEntityDecode`, ...), and
     /// the cache computes each prefix of a value once. Chain 0 is the empty chain.
     pub chain_parent: Vec<(u16, Option<Transform>)>,
+    /// Each chain's prefixes, shortest (the empty chain) first, itself last: the stages a
+    /// `multiMatch` link tests.
+    pub chain_stages: Vec<Vec<u16>>,
     /// Rules not run, with the reason.
     pub unsupported: Vec<Unsupported>,
     /// Things run differently than ModSecurity would (directives ignored, ...), once each.
@@ -35,6 +39,8 @@ pub struct Ruleset {
     pub files: Vec<PathBuf>,
     /// TX:anomaly_score, which CRS adds every match to (reported with the outcome).
     pub score_slot: Option<u16>,
+    /// Which rules can be ruled out per request by one regex set per value.
+    pub prefilter: Prefilter,
 }
 
 impl Ruleset {
@@ -809,10 +815,8 @@ impl Builder {
                     Kind::Rx(rx)
                 }
             }
-            "pm" => Kind::Pm(
-                operator::phrases(arg.split_whitespace().map(String::from))
-                    .map_err(LinkError::Syntax)?,
-            ),
+            "pm" => operator::phrases(arg.split_whitespace().map(String::from))
+                .map_err(LinkError::Syntax)?,
             "pmf" | "pmfromfile" => {
                 let base = file.parent().unwrap_or(Path::new("."));
                 let mut phrases = Vec::new();
@@ -829,7 +833,7 @@ impl Builder {
                             .map(String::from),
                     );
                 }
-                Kind::Pm(operator::phrases(phrases).map_err(LinkError::Syntax)?)
+                operator::phrases(phrases).map_err(LinkError::Syntax)?
             }
             "streq" => Kind::StrEq(expand(self, arg)?),
             "contains" => Kind::Contains(expand(self, arg)?),
@@ -1041,12 +1045,24 @@ impl Builder {
                     .unwrap_or(phases[p].len()),
             );
         }
+        let chain_stages: Vec<Vec<u16>> = (0..self.chain_parent.len())
+            .map(|c| {
+                let mut stages = vec![c as u16];
+                while let (p, Some(_)) = self.chain_parent[*stages.last().unwrap() as usize] {
+                    stages.push(p);
+                }
+                stages.reverse();
+                stages
+            })
+            .collect();
         Ok(Ruleset {
             score_slot: self.tx.get("anomaly_score").copied(),
+            prefilter: prefilter::build(&self.rules, &chain_stages),
             rules: self.rules,
             phases,
             tx_names: self.tx_names,
             chains: self.chain_list,
+            chain_stages,
             chain_parent: self.chain_parent,
             unsupported: self.unsupported,
             notes: self.notes,
@@ -1063,7 +1079,7 @@ fn tx_only(rule: &Rule) -> bool {
             .all(|p| matches!(p, Part::Lit(_) | Part::Tx(_)))
     };
     let op_ok = |k: &Kind| match k {
-        Kind::Unconditional | Kind::NoMatch | Kind::Rx(_) | Kind::Pm(_) => true,
+        Kind::Unconditional | Kind::NoMatch | Kind::Rx(_) | Kind::Pm(..) => true,
         Kind::StrEq(e)
         | Kind::Contains(e)
         | Kind::BeginsWith(e)
@@ -1087,6 +1103,72 @@ fn tx_only(rule: &Rule) -> bool {
                 _ => false,
             })
     })
+}
+
+impl Rule {
+    /// The TX slots this rule reads when they are all its outcome depends on: TX targets by
+    /// name, operator arguments of literals and TX, and nothing it does but `pass` and a
+    /// jump (CRS's `TX:EXECUTING_PARANOIA_LEVEL "@lt 2" ... skipAfter` rules, 100-odd of
+    /// them). While no later rule writes those slots, its outcome is fixed per route.
+    pub fn static_reads(&self) -> Option<Vec<u16>> {
+        use super::macros::Part;
+        if !self.tx_only || self.log || self.disruptive != Disruptive::Pass {
+            return None;
+        }
+        let mut reads = Vec::new();
+        for l in &self.links {
+            if !l.effects.is_empty() {
+                return None;
+            }
+            for t in &l.targets {
+                match t.sel {
+                    Selector::TxSlot(s) => reads.push(s),
+                    _ if matches!(l.op.kind, Kind::Unconditional) => {}
+                    _ => return None,
+                }
+            }
+            for p in l.op.kind.argument().map_or(&[][..], |e| &e.parts) {
+                match p {
+                    Part::Tx(s) => reads.push(*s),
+                    Part::Lit(_) => {}
+                    _ => return None,
+                }
+            }
+        }
+        Some(reads)
+    }
+
+    /// Adds the TX slots this rule may write to `w`.
+    pub fn tx_writes(&self, tx_names: &[String], w: &mut [bool]) {
+        use super::macros::Part;
+        for l in &self.links {
+            if l.capture {
+                let n = w.len().min(10);
+                w[..n].fill(true);
+            }
+            for e in &l.effects {
+                let name = match e {
+                    Effect::Set { name, .. } | Effect::Unset(name) => name,
+                    Effect::Ctl(_) => continue,
+                };
+                match name {
+                    TxName::Slot(s) => w[*s as usize] = true,
+                    // A name built by macros may be any name starting with its literal part.
+                    TxName::Dynamic(e) => {
+                        let prefix: &[u8] = match e.parts.first() {
+                            Some(Part::Lit(l)) => l,
+                            _ => b"",
+                        };
+                        for (s, n) in tx_names.iter().enumerate() {
+                            if n.as_bytes().starts_with(prefix) {
+                                w[s] = true;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A target's `:key` or `:/regex/` (names compare without case; regexes as `@rx` reads them).

@@ -57,12 +57,12 @@ pub fn inspect(rs: &Ruleset, route: &RouteWaf, head: &Head<'_>, body: Option<&[u
         .iter()
         .map(|v| v.as_deref().map(Cow::Borrowed));
     let mut t = Txn::new(rs, route, Request::new(head), tx.collect());
-    let mut cache = Cache::new(rs.chains.len(), t.req.ids());
+    let mut cache = Cache::new(rs, t.req.ids());
     if t.run_phase(&mut cache, 0, route.start.step) {
         if let Some(b) = body {
             let p = t.processor.unwrap_or(t.req.processor);
             t.req.add_body(b, p, t.force_body);
-            cache.invalidate_scalars();
+            cache.body_added();
         }
         t.run_phase(&mut cache, 1, 0);
     }
@@ -76,10 +76,13 @@ pub fn inspect(rs: &Ruleset, route: &RouteWaf, head: &Head<'_>, body: Option<&[u
 /// Where every request of a route starts: the TX variables after the leading rules that read
 /// and write only TX (CRS's setup and defaults, 20-odd rules), and the phase-1 step after
 /// them. Those rules give the same result for every request, so they run once, here.
+/// So do later rules that only test TX variables no rule after the start writes: their
+/// outcome, by rule index, is in `fixed`.
 #[derive(Debug, Clone, Default)]
 pub struct Start {
     pub tx: Vec<Option<Vec<u8>>>,
     pub step: usize,
+    pub fixed: Vec<Option<bool>>,
 }
 
 /// Runs the static prefix of phase 1 for a route with these TX presets.
@@ -99,7 +102,7 @@ pub fn start(rs: &Ruleset, route: &RouteWaf, presets: &[(u16, Vec<u8>)]) -> Star
         tx[*slot as usize] = Some(Cow::Owned(v.clone()));
     }
     let mut t = Txn::new(rs, route, Request::new(&head), tx);
-    let mut cache = Cache::new(rs.chains.len(), t.req.ids());
+    let mut cache = Cache::new(rs, t.req.ids());
     let steps = &rs.phases[0];
     let mut i = 0;
     while i < steps.len() {
@@ -126,9 +129,27 @@ pub fn start(rs: &Ruleset, route: &RouteWaf, presets: &[(u16, Vec<u8>)]) -> Star
             i + 1
         };
     }
+    // Slots that may change after the start: written by a rule that runs per request.
+    let mut written = vec![false; rs.tx_names.len()];
+    let later = steps[i..].iter().chain(&rs.phases[1]);
+    for step in later {
+        if let Step::Rule(ri) = step {
+            rs.rules[*ri as usize].tx_writes(&rs.tx_names, &mut written);
+        }
+    }
+    let fixed = (0..rs.rules.len())
+        .map(|ri| {
+            let reads = rs.rules[ri].static_reads()?;
+            if reads.iter().any(|&s| written[s as usize]) {
+                return None;
+            }
+            Some(t.eval_rule(&mut cache, ri))
+        })
+        .collect();
     Start {
         tx: t.tx.into_iter().map(|v| v.map(Cow::into_owned)).collect(),
         step: i,
+        fixed,
     }
 }
 
@@ -162,11 +183,13 @@ enum RuleSel {
 }
 
 /// Transformed values by (value id, chain): `UNSET`, `SAME` (the chain changed nothing) or an
-/// index into `arena`.
+/// index into `arena`. And what the prefilter found: which groups ran, which rules may match.
 struct Cache {
     chains: usize,
     idx: Vec<u32>,
     arena: Vec<Vec<u8>>,
+    filtered: Vec<bool>,
+    may_match: Vec<bool>,
 }
 
 const UNSET: u32 = u32::MAX;
@@ -174,18 +197,24 @@ const SAME: u32 = u32::MAX - 1;
 const SCALAR_IDS: usize = 16;
 
 impl Cache {
-    fn new(chains: usize, ids: usize) -> Cache {
+    fn new(rs: &Ruleset, ids: usize) -> Cache {
+        let chains = rs.chains.len();
         Cache {
             chains,
             idx: vec![UNSET; chains * ids],
             arena: Vec::new(),
+            filtered: vec![false; rs.prefilter.groups.len()],
+            may_match: vec![false; rs.rules.len()],
         }
     }
 
-    /// Scalars (REQUEST_BODY, ARGS_COMBINED_SIZE, ...) change when the body is added.
-    fn invalidate_scalars(&mut self) {
+    /// Scalars (REQUEST_BODY, ARGS_COMBINED_SIZE, ...) change when the body is added, and
+    /// lists grow: the prefilter runs again.
+    fn body_added(&mut self) {
         let n = (SCALAR_IDS * self.chains).min(self.idx.len());
         self.idx[..n].fill(UNSET);
+        self.filtered.fill(false);
+        self.may_match.fill(false);
     }
 
     /// Value `id` (`v`) after `chain`, computed from its prefix chain's result.
@@ -196,7 +225,13 @@ impl Cache {
         v: &'v [u8],
         parents: &[(u16, Option<Transform>)],
     ) -> &'v [u8] {
-        match self.slot(id, chain, v, parents) {
+        let slot = self.slot(id, chain, v, parents);
+        self.resolve(slot, v)
+    }
+
+    /// The value a slot of [`Cache::slot`] stands for (`v`: the untransformed value).
+    fn resolve<'v>(&'v self, slot: u32, v: &'v [u8]) -> &'v [u8] {
+        match slot {
             SAME => v,
             i => &self.arena[i as usize],
         }
@@ -233,6 +268,18 @@ impl Cache {
         self.idx[k] = r;
         r
     }
+}
+
+/// A value before and after each transformation of `ts`, each distinct stage once.
+fn stages(v: &[u8], ts: &[Transform]) -> Vec<Vec<u8>> {
+    let mut out = vec![v.to_vec()];
+    for t in ts {
+        let next = t.apply(out.last().unwrap()).into_owned();
+        if next != *out.last().unwrap() {
+            out.push(next);
+        }
+    }
+    out
 }
 
 fn apply_chain<'v>(v: &'v [u8], ts: &[Transform]) -> Cow<'v, [u8]> {
@@ -454,18 +501,26 @@ impl Txn<'_, '_> {
                             return;
                         }
                         if link.multi_match {
-                            // The operator sees the value before and after each transformation.
-                            let mut cur: Cow<[u8]> = Cow::Borrowed(value);
-                            let mut stages = vec![cur.to_vec()];
-                            for tr in ts.iter() {
-                                cur = Cow::Owned(tr.apply(&cur).into_owned());
-                                if stages.last().map(Vec::as_slice) != Some(&cur[..]) {
-                                    stages.push(cur.to_vec());
+                            // The operator sees the value before and after each transformation,
+                            // each distinct stage once.
+                            let Some(id) = id else {
+                                for s in stages(value, ts) {
+                                    if link.op.eval(&s, this, None) {
+                                        hits.push(var, &[key], &s);
+                                    }
                                 }
-                            }
-                            for s in stages {
-                                if link.op.eval(&s, this, None) {
-                                    hits.push(var, &[key], &s);
+                                return;
+                            };
+                            let mut prev = None;
+                            for &c in &rs.chain_stages[link.chain as usize] {
+                                let slot = cache.slot(id, c, value, &rs.chain_parent);
+                                let s = cache.resolve(slot, value);
+                                if prev.is_some_and(|p| cache.resolve(p, value) == s) {
+                                    continue;
+                                }
+                                prev = Some(slot);
+                                if link.op.eval(s, this, None) {
+                                    hits.push(var, &[key], s);
                                 }
                             }
                             return;
@@ -520,6 +575,66 @@ impl Txn<'_, '_> {
         true
     }
 
+    /// Whether rule `ri`'s first link can match, by its prefilter group (see
+    /// [`super::prefilter`]); true for rules without one.
+    fn may_match(&self, cache: &mut Cache, ri: usize) -> bool {
+        let Some(g) = self.rs.prefilter.of_rule[ri] else {
+            return true;
+        };
+        let g = g as usize;
+        if !cache.filtered[g] {
+            cache.filtered[g] = true;
+            self.prefilter(cache, g);
+        }
+        cache.may_match[ri]
+    }
+
+    /// Runs group `g`'s regex set on every value its targets select: once per distinct
+    /// result of its chains, keeping a match only for patterns whose chain gave that result.
+    fn prefilter(&self, cache: &mut Cache, g: usize) {
+        let rs = self.rs;
+        let group = &rs.prefilter.groups[g];
+        let mut slots = [0u32; 64];
+        // Distinct values: (slot, chains that produce it).
+        let mut distinct: Vec<(u32, u64)> = Vec::with_capacity(8);
+        for t in &group.targets {
+            self.for_each(t, &mut |_, _, value, id| {
+                let Some(id) = id else {
+                    // Request values all have cache ids; anything else is not ruled out.
+                    for &(ri, _) in &group.patterns {
+                        cache.may_match[ri as usize] = true;
+                    }
+                    return;
+                };
+                distinct.clear();
+                for (k, &c) in group.chains.iter().enumerate() {
+                    slots[k] = cache.slot(id, c, value, &rs.chain_parent);
+                    let v = cache.resolve(slots[k], value);
+                    match distinct
+                        .iter_mut()
+                        .find(|(s, _)| *s == slots[k] || cache.resolve(*s, value) == v)
+                    {
+                        Some((_, mask)) => *mask |= 1 << k,
+                        None => distinct.push((slots[k], 1 << k)),
+                    }
+                }
+                for &(slot, mask) in &distinct {
+                    let v = cache.resolve(slot, value);
+                    // Most values match nothing: the cheaper test first.
+                    if !group.set.is_match(v) {
+                        continue;
+                    }
+                    for i in group.set.matches(v).iter() {
+                        let (ri, chains) = group.patterns[i];
+                        if chains & mask != 0 {
+                            cache.may_match[ri as usize] = true;
+                        }
+                    }
+                }
+            });
+        }
+    }
+
     fn removed(&self, ri: usize, rule: &Rule) -> bool {
         self.route.removed[ri]
             || self
@@ -542,7 +657,15 @@ impl Txn<'_, '_> {
             };
             let ri = ri as usize;
             let rule = &rs.rules[ri];
-            if self.removed(ri, rule) || !self.eval_rule(cache, ri) {
+            if self.removed(ri, rule) {
+                i += 1;
+                continue;
+            }
+            let matched = match self.route.start.fixed.get(ri) {
+                Some(&Some(m)) => m,
+                _ => self.may_match(cache, ri) && self.eval_rule(cache, ri),
+            };
+            if !matched {
                 i += 1;
                 continue;
             }

@@ -15,6 +15,7 @@ pub mod compile;
 pub mod eval;
 pub mod macros;
 pub mod operator;
+pub mod prefilter;
 pub mod request;
 pub mod seclang;
 pub mod transform;

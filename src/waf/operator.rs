@@ -26,7 +26,8 @@ pub enum Kind {
     Rx(Rx),
     /// `@rx` with a macro in its pattern: compiled when the expanded pattern changes.
     RxDynamic(Expand, arc_swap::ArcSwapOption<(Vec<u8>, Rx)>),
-    Pm(AhoCorasick),
+    /// The phrases, kept for the prefilter's regex set.
+    Pm(AhoCorasick, Vec<String>),
     StrEq(Expand),
     Contains(Expand),
     ContainsWord(Expand),
@@ -150,6 +151,22 @@ impl Operator {
 }
 
 impl Kind {
+    /// The operator's argument, when it may hold macros.
+    pub fn argument(&self) -> Option<&Expand> {
+        match self {
+            Kind::RxDynamic(e, _)
+            | Kind::StrEq(e)
+            | Kind::Contains(e)
+            | Kind::ContainsWord(e)
+            | Kind::BeginsWith(e)
+            | Kind::EndsWith(e)
+            | Kind::Within(e)
+            | Kind::StrMatch(e)
+            | Kind::Num(_, e) => Some(e),
+            _ => None,
+        }
+    }
+
     fn eval(&self, v: &[u8], cx: &dyn Context, caps: Option<&mut Vec<Vec<u8>>>) -> bool {
         let one = |caps: Option<&mut Vec<Vec<u8>>>, m: &[u8]| {
             if let Some(c) = caps {
@@ -181,7 +198,7 @@ impl Kind {
                     None => rx.is_match(v),
                 }
             }
-            Kind::Pm(ac) => match ac.find(v) {
+            Kind::Pm(ac, _) => match ac.find(v) {
                 Some(m) => one(caps, &v[m.start()..m.end()]),
                 None => false,
             },
@@ -329,16 +346,17 @@ pub fn byte_ranges(spec: &str) -> Result<Box<[bool; 256]>, String> {
 }
 
 /// `@pm` and `@pmFromFile`: one case-insensitive automaton over all phrases.
-pub fn phrases<I: IntoIterator<Item = String>>(items: I) -> Result<AhoCorasick, String> {
+pub fn phrases<I: IntoIterator<Item = String>>(items: I) -> Result<Kind, String> {
     let list: Vec<String> = items.into_iter().filter(|s| !s.is_empty()).collect();
     if list.is_empty() {
         return Err("an empty phrase list".into());
     }
-    AhoCorasickBuilder::new()
+    let ac = AhoCorasickBuilder::new()
         .ascii_case_insensitive(true)
         .match_kind(MatchKind::LeftmostFirst)
         .build(&list)
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok(Kind::Pm(ac, list))
 }
 
 /// Rewrites PCRE spellings the `regex` crate reads differently or not at all. `bytes`: write

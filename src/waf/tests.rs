@@ -117,6 +117,7 @@ fn captures_come_from_the_value_that_matched_not_the_last_one_tried() {
         start: eval::Start {
             tx: vec![None; rs.tx_names.len()],
             step: 0,
+            fixed: Vec::new(),
         },
         removed: vec![false; rs.rules.len()],
         target_excludes: vec![Vec::new(); rs.rules.len()],
