@@ -23,6 +23,8 @@ pub struct Ruleset {
     /// Phase 1 (request headers) and phase 2 (request body).
     pub phases: [Vec<Step>; 2],
     pub tx_names: Vec<String>,
+    /// Slot by name (lowercase): macro-built names are looked up per request.
+    tx_slots: HashMap<String, u16>,
     pub chains: Vec<Vec<Transform>>,
     /// Each chain as its longest proper prefix (another chain) plus its last transformation:
     /// chains share prefixes (`urlDecodeUni`, then `lowercase` or `htmlEntityDecode`, ...), and
@@ -46,9 +48,12 @@ pub struct Ruleset {
 impl Ruleset {
     /// The slot of a TX variable some rule names (names are case-insensitive).
     pub fn slot(&self, name: &[u8]) -> Option<usize> {
-        self.tx_names
-            .iter()
-            .position(|n| n.as_bytes().eq_ignore_ascii_case(name))
+        let name = std::str::from_utf8(name).ok()?;
+        let found = match name.bytes().any(|b| b.is_ascii_uppercase()) {
+            true => self.tx_slots.get(&name.to_ascii_lowercase()),
+            false => self.tx_slots.get(name),
+        };
+        found.map(|&s| s as usize)
     }
 }
 
@@ -1061,6 +1066,7 @@ impl Builder {
             rules: self.rules,
             phases,
             tx_names: self.tx_names,
+            tx_slots: self.tx,
             chains: self.chain_list,
             chain_stages,
             chain_parent: self.chain_parent,

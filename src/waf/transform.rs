@@ -109,11 +109,23 @@ impl Transform {
                 v.iter().copied().filter(|&b| !is_space(b)).collect()
             }),
             CompressWhitespace => compress_whitespace(v),
-            CmdLine => Cow::Owned(cmd_line(v)),
+            CmdLine => {
+                if cmd_line_changes(v) {
+                    Cow::Owned(cmd_line(v))
+                } else {
+                    Cow::Borrowed(v)
+                }
+            }
             ReplaceComments => when(v, |b| b == b'/' || b == b'*', replace_comments),
             RemoveComments => when(v, |b| matches!(b, b'/' | b'-' | b'#'), remove_comments),
-            NormalizePath => when(v, |b| b == b'/', |v| normalize_path(v, false)),
-            NormalizePathWin => when(v, |b| b == b'/' || b == b'\\', |v| normalize_path(v, true)),
+            NormalizePath | NormalizePathWin => {
+                let win = self == NormalizePathWin;
+                if path_is_normal(v, win) {
+                    Cow::Borrowed(v)
+                } else {
+                    Cow::Owned(normalize_path(v, win))
+                }
+            }
             Length => Cow::Owned(v.len().to_string().into_bytes()),
             Sha1 => {
                 use sha1::Digest;
@@ -426,6 +438,16 @@ fn compress_whitespace(v: &[u8]) -> Cow<'_, [u8]> {
     Cow::Owned(out)
 }
 
+/// Whether [`cmd_line`] would change `v`; most values it leaves alone, and the cache keeps
+/// one copy of a value no transformation changed.
+fn cmd_line_changes(v: &[u8]) -> bool {
+    v.iter().enumerate().any(|(i, &b)| match b {
+        b'"' | b'\'' | b'\\' | b'^' | b',' | b';' | b'\t' | b'\r' | b'\n' => true,
+        b' ' => matches!(v.get(i + 1), Some(b' ' | b'/' | b'(')),
+        _ => b.is_ascii_uppercase(),
+    })
+}
+
 /// Windows and Unix command-line evasions: drop `\ " ' ^`, `,` and `;` become spaces, spaces
 /// collapse and go before `/` and `(`, all lowercased.
 fn cmd_line(v: &[u8]) -> Vec<u8> {
@@ -506,6 +528,22 @@ fn remove_comments(v: &[u8]) -> Vec<u8> {
 }
 
 /// Resolves `.` and `..` segments and repeated slashes; `win` first turns `\` into `/`.
+/// Whether [`normalize_path`] would leave `v` as it is: no `.` or `..` segment, no empty
+/// segment but a leading or trailing `/`, and (Windows) no backslash.
+fn path_is_normal(v: &[u8], win: bool) -> bool {
+    if win && v.contains(&b'\\') {
+        return false;
+    }
+    let n = v.split(|&b| b == b'/').count();
+    v.split(|&b| b == b'/')
+        .enumerate()
+        .all(|(i, seg)| match seg {
+            b"." | b".." => false,
+            b"" => i == 0 || i == n - 1,
+            _ => true,
+        })
+}
+
 fn normalize_path(v: &[u8], win: bool) -> Vec<u8> {
     let owned: Vec<u8> = if win {
         v.iter()
@@ -555,6 +593,62 @@ fn escape_seq_decode(v: &[u8]) -> Vec<u8> {
 mod tests {
     use super::Transform::*;
     use super::*;
+
+    #[test]
+    fn fast_paths_agree_with_the_full_transformations() {
+        let samples = [
+            "",
+            "/",
+            "//",
+            "a",
+            "a/",
+            "/a",
+            "/a/b",
+            "a//b",
+            "/a/./b",
+            "/a/../b",
+            "./a",
+            "../a",
+            "a/.",
+            "a/..",
+            ".",
+            "..",
+            "/.",
+            "a\\b",
+            "\\",
+            "x y",
+            "x  y",
+            "x /y",
+            "x (y",
+            " x",
+            "x ",
+            "A",
+            "a,b",
+            "a;b",
+            "a\tb",
+            "a'b",
+            "a^b",
+            "shoes",
+            "text/html,*/*;q=0.8",
+            "Mozilla/5.0 (X11; Linux x86_64)",
+            "gzip, deflate, br",
+        ];
+        for s in samples {
+            // The fast path may send an unchanged value the long way, never the reverse.
+            let v = s.as_bytes();
+            if !cmd_line_changes(v) {
+                assert_eq!(cmd_line(v), v, "cmdLine {s:?}");
+            }
+            for win in [false, true] {
+                if path_is_normal(v, win) {
+                    assert_eq!(normalize_path(v, win), v, "normalizePath(win {win}) {s:?}");
+                }
+            }
+        }
+        // And it does take the common values.
+        assert!(!cmd_line_changes(b"shoes") && !cmd_line_changes(b"x y/z"));
+        assert!(path_is_normal(b"/a/b/", false) && path_is_normal(b"text/html", true));
+    }
 
     fn t(tr: Transform, s: &str) -> String {
         String::from_utf8_lossy(&tr.apply(s.as_bytes())).into_owned()
