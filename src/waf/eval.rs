@@ -1,9 +1,14 @@
 //! Running a [`Ruleset`] on one request: phase 1 on the head, the body's collections, phase 2.
 //!
 //! Per request this allocates the TX slots, a transformation cache (one `u32` per value and
-//! transformation chain, so a value is decoded once however many rules read it that way) and
-//! whatever the transformations produce. Rule state is never allocated: rules, targets and
-//! operators are shared, compiled data.
+//! transformation chain, so a value is decoded once however many rules read it that way),
+//! the prefilter's verdicts (a flag per rule) and whatever the transformations produce. Rule
+//! state is never allocated: rules, targets and operators are shared, compiled data.
+//!
+//! Two shortcuts keep a benign request from running every rule, and change no verdict (a
+//! test runs the corpus with and without them): the prefilter (see [`super::prefilter`])
+//! skips rules whose first pattern no value can match, and rules that only test TX
+//! variables no later rule writes have their outcome computed once per route ([`Start`]).
 
 use std::borrow::Cow;
 
@@ -12,6 +17,7 @@ use super::compile::{
 };
 use super::macros::{Expand, Part};
 use super::operator::{atoi, Context};
+use super::prefilter::{self, Source};
 use super::request::{Head, List, Processor, Request, Scalar, Var};
 use super::transform::Transform;
 
@@ -575,63 +581,84 @@ impl Txn<'_, '_> {
         true
     }
 
-    /// Whether rule `ri`'s first link can match, by its prefilter group (see
-    /// [`super::prefilter`]); true for rules without one.
+    /// Whether rule `ri`'s first link can match, by the prefilter (see [`super::prefilter`]);
+    /// true for rules it does not cover.
     fn may_match(&self, cache: &mut Cache, ri: usize) -> bool {
-        let Some(g) = self.rs.prefilter.of_rule[ri] else {
+        let Some(Some(groups)) = self.rs.prefilter.of_rule.get(ri) else {
             return true;
         };
-        let g = g as usize;
-        if !cache.filtered[g] {
-            cache.filtered[g] = true;
-            self.prefilter(cache, g);
+        for &g in groups.iter() {
+            if !cache.filtered[g as usize] {
+                cache.filtered[g as usize] = true;
+                self.prefilter(cache, g as usize);
+            }
         }
         cache.may_match[ri]
     }
 
-    /// Runs group `g`'s regex set on every value its targets select: once per distinct
-    /// result of its chains, keeping a match only for patterns whose chain gave that result.
+    /// Runs group `g`'s set on every value of its source: once per distinct result of its
+    /// chains, keeping a match when the pattern's chain gave that result and its rule's
+    /// targets select the value.
     fn prefilter(&self, cache: &mut Cache, g: usize) {
         let rs = self.rs;
         let group = &rs.prefilter.groups[g];
+        let m = &*group.matcher;
         let mut slots = [0u32; 64];
-        // Distinct values: (slot, chains that produce it).
+        // Distinct values: (slot, the chains that produce it).
         let mut distinct: Vec<(u32, u64)> = Vec::with_capacity(8);
-        for t in &group.targets {
-            self.for_each(t, &mut |_, _, value, id| {
-                let Some(id) = id else {
-                    // Request values all have cache ids; anything else is not ruled out.
-                    for &(ri, _) in &group.patterns {
+        let mut visit = |cache: &mut Cache, name: &[u8], value: &[u8], id: u32| {
+            distinct.clear();
+            for (k, &c) in m.chains.iter().enumerate() {
+                slots[k] = cache.slot(id, c, value, &rs.chain_parent);
+                let v = cache.resolve(slots[k], value);
+                match distinct
+                    .iter_mut()
+                    .find(|(s, _)| *s == slots[k] || cache.resolve(*s, value) == v)
+                {
+                    Some((_, mask)) => *mask |= 1 << k,
+                    None => distinct.push((slots[k], 1 << k)),
+                }
+            }
+            for &(slot, mask) in &distinct {
+                let v = cache.resolve(slot, value);
+                // Most values match nothing: the cheaper test first.
+                if !m.set.is_match(v) {
+                    continue;
+                }
+                for i in m.set.matches(v).iter() {
+                    let (ri, chains) = m.patterns[i];
+                    // As in `for_each`, which reads a single variable whatever its key.
+                    let scalar = matches!(group.source, Source::Scalar(_));
+                    let selected = || {
+                        rs.rules[ri as usize].links[0].targets.iter().any(|t| {
+                            prefilter::sources(t).any(|s| s == group.source)
+                                && (scalar || self.selects(t, name))
+                        })
+                    };
+                    if chains & mask != 0 && selected() {
                         cache.may_match[ri as usize] = true;
                     }
-                    return;
-                };
-                distinct.clear();
-                for (k, &c) in group.chains.iter().enumerate() {
-                    slots[k] = cache.slot(id, c, value, &rs.chain_parent);
-                    let v = cache.resolve(slots[k], value);
-                    match distinct
-                        .iter_mut()
-                        .find(|(s, _)| *s == slots[k] || cache.resolve(*s, value) == v)
-                    {
-                        Some((_, mask)) => *mask |= 1 << k,
-                        None => distinct.push((slots[k], 1 << k)),
+                }
+            }
+        };
+        match &group.source {
+            Source::Scalar(s) => visit(cache, b"", self.req.scalar(*s), *s as u32),
+            Source::List(l, names) => {
+                for e in self.req.list(*l) {
+                    if *names {
+                        visit(cache, &e.name, &e.name, e.id + 1);
+                    } else {
+                        visit(cache, &e.name, &e.value, e.id);
                     }
                 }
-                for &(slot, mask) in &distinct {
-                    let v = cache.resolve(slot, value);
-                    // Most values match nothing: the cheaper test first.
-                    if !group.set.is_match(v) {
-                        continue;
-                    }
-                    for i in group.set.matches(v).iter() {
-                        let (ri, chains) = group.patterns[i];
-                        if chains & mask != 0 {
-                            cache.may_match[ri as usize] = true;
-                        }
+            }
+            Source::Key(l, key) => {
+                for e in self.req.list(*l) {
+                    if e.name.eq_ignore_ascii_case(key) {
+                        visit(cache, &e.name, &e.value, e.id);
                     }
                 }
-            });
+            }
         }
     }
 

@@ -5,7 +5,9 @@
 //!
 //! - `seclang`: files → directives; `compile`: directives → [`Ruleset`] (operators, regexes,
 //!   transformation chains, TX slots, `skipAfter` jumps), reporting what it cannot run;
-//! - `request`: the request as collections; `eval`: one request through phases 1 and 2.
+//! - `request`: the request as collections; `eval`: one request through phases 1 and 2;
+//! - `prefilter`: regex sets per kind of value that rule out, per request, the rules whose
+//!   pattern no value matches (most of them, on benign traffic).
 //!
 //! The ruleset depends only on the rule files, so a reload that does not touch them reuses
 //! the compiled one (compiling CRS takes a noticeable fraction of a second). Each route gets a

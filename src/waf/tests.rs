@@ -134,3 +134,74 @@ fn captures_come_from_the_value_that_matched_not_the_last_one_tried() {
     };
     assert_eq!(eval::inspect(&rs, &r, &head, None).blocked_by, Some(2));
 }
+
+/// The prefilter and the per-route fixed outcomes are shortcuts: with them or without them,
+/// every request of the corpus (attacks, benign, CRS's own false positives) must give the
+/// same findings, score and verdict, at paranoia 1 and 2.
+#[test]
+fn shortcuts_change_no_verdict_on_the_corpus() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/waf");
+    let mut cases = Vec::new();
+    for file in ["attacks", "benign", "crs-false-positives"] {
+        let text = std::fs::read_to_string(dir.join(format!("{file}.jsonl"))).unwrap();
+        for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
+            cases.push(serde_json::from_str::<serde_json::Value>(line).unwrap());
+        }
+    }
+    assert!(cases.len() > 300, "{}", cases.len());
+    let mut plain = compile::load(&default_rules(), Path::new("/")).unwrap();
+    plain.prefilter = prefilter::Prefilter::default();
+    for paranoia in [1, 2] {
+        let (rs, fast) = route(paranoia);
+        let mut slow = fast.clone();
+        slow.start.fixed.clear();
+        let (mut skipped, mut fixed) = (0, 0);
+        for ri in 0..rs.rules.len() {
+            skipped += rs.prefilter.of_rule[ri].is_some() as usize;
+            fixed += fast.start.fixed[ri].is_some() as usize;
+        }
+        assert!(
+            skipped > 150 && fixed > 50,
+            "{skipped} prefiltered, {fixed} fixed"
+        );
+        for c in &cases {
+            let mut h = http::HeaderMap::new();
+            h.insert("host", "gateway.test".parse().unwrap());
+            for p in c["headers"].as_array().into_iter().flatten() {
+                let (Some(k), Some(v)) = (p[0].as_str(), p[1].as_str()) else {
+                    continue;
+                };
+                let (Ok(k), Ok(v)) = (
+                    http::HeaderName::from_bytes(k.as_bytes()),
+                    http::HeaderValue::from_bytes(v.as_bytes()),
+                ) else {
+                    continue;
+                };
+                h.append(k, v);
+            }
+            let body = match (c["body"].as_str(), c["body_b64"].as_str()) {
+                (Some(b), _) => Some(b.as_bytes().to_vec()),
+                (_, Some(b)) => {
+                    use base64::Engine;
+                    Some(base64::engine::general_purpose::STANDARD.decode(b).unwrap())
+                }
+                _ => None,
+            };
+            let head = Head {
+                method: c["method"].as_str().unwrap(),
+                target: c["path"].as_str().unwrap(),
+                protocol: "HTTP/1.1",
+                headers: &h,
+                authority: None,
+                remote_addr: "203.0.113.9",
+                unique_id: "t",
+            };
+            let a = eval::inspect(&rs, &fast, &head, body.as_deref());
+            let b = eval::inspect(&plain, &slow, &head, body.as_deref());
+            let id = c["id"].as_str().unwrap();
+            assert_eq!(a.blocked_by, b.blocked_by, "{id} at PL{paranoia}");
+            assert_eq!(a.score, b.score, "{id} at PL{paranoia}");
+            assert_eq!(a.findings, b.findings, "{id} at PL{paranoia}");
+        }
+    }
+}
