@@ -688,9 +688,11 @@ impl Txn<'_, '_> {
                 i += 1;
                 continue;
             }
-            let matched = match self.route.start.fixed.get(ri) {
-                Some(&Some(m)) => m,
-                _ => self.may_match(cache, ri) && self.eval_rule(cache, ri),
+            // A ctl that removed targets may have removed what a fixed outcome read.
+            let fixed = self.route.start.fixed.get(ri).copied().flatten();
+            let matched = match fixed.filter(|_| self.removed_targets.is_empty()) {
+                Some(m) => m,
+                None => self.may_match(cache, ri) && self.eval_rule(cache, ri),
             };
             if !matched {
                 i += 1;
