@@ -7,30 +7,12 @@
 //! `target/criterion/waf_<case>/new/estimates.json`. The in-process figure is the engine
 //! alone; benches/waf.sh measures the whole gateway against nginx + ModSecurity.
 
-use std::path::Path;
+#[path = "support/waf.rs"]
+mod support;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use tollgate::waf::{self, Head, WafMode, WafSettings};
-
-fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
-    let mut h = http::HeaderMap::new();
-    for (k, v) in [
-        ("host", "shop.example.com"),
-        ("user-agent", "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"),
-        ("accept", "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"),
-        ("accept-language", "en-US,en;q=0.5"),
-        ("accept-encoding", "gzip, deflate, br"),
-    ]
-    .iter()
-    .chain(pairs)
-    {
-        h.append(
-            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-            v.parse().unwrap(),
-        );
-    }
-    h
-}
+use support::{crs, headers};
+use tollgate::waf::Head;
 
 fn json_4k() -> String {
     let mut items = Vec::new();
@@ -63,15 +45,7 @@ fn multipart_60k(boundary: &str) -> String {
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("waf");
     for paranoia in [1u8, 2] {
-        let settings = WafSettings {
-            mode: WafMode::Block,
-            paranoia,
-            ..Default::default()
-        };
-        let w = waf::compile(&settings, &[None], Path::new("/"))
-            .expect("Debian's CRS loads")
-            .expect("the WAF is on");
-        let route = w.route(0).unwrap().clone();
+        let (w, route) = crs(paranoia);
 
         let get = headers(&[]);
         let head = |method, target, headers| Head {

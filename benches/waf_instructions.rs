@@ -11,33 +11,17 @@
 //! ```
 //! Arguments: requests (default 10 000), paranoia level (default 1). Prints µs per request.
 
-use std::path::Path;
+#[path = "support/waf.rs"]
+mod support;
 
-use tollgate::waf::{self, Head, WafMode, WafSettings};
+use tollgate::waf::Head;
 
 fn main() {
     let mut args = std::env::args().skip(1).filter(|a| !a.starts_with('-'));
     let n: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(10_000);
     let paranoia: u8 = args.next().and_then(|s| s.parse().ok()).unwrap_or(1);
-    let settings = WafSettings {
-        mode: WafMode::Block,
-        paranoia,
-        ..Default::default()
-    };
-    let w = waf::compile(&settings, &[None], Path::new("/"))
-        .expect("Debian's CRS loads")
-        .expect("the WAF is on");
-    let route = w.route(0).unwrap().clone();
-    let mut headers = http::HeaderMap::new();
-    for (k, v) in [
-        ("host", "shop.example.com"),
-        ("user-agent", "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"),
-        ("accept", "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"),
-        ("accept-language", "en-US,en;q=0.5"),
-        ("accept-encoding", "gzip, deflate, br"),
-    ] {
-        headers.append(k, v.parse().unwrap());
-    }
+    let (w, route) = support::crs(paranoia);
+    let headers = support::headers(&[]);
     let head = Head {
         method: "GET",
         target: "/search?q=shoes&page=2&sort=price",
