@@ -67,7 +67,7 @@ pub struct Group {
     pub matcher: Arc<Matcher>,
 }
 
-/// Sources read by the same rules share one.
+/// One set and what its patterns stand for; sources read by mostly the same rules share one.
 #[derive(Debug)]
 pub struct Matcher {
     /// The chains the patterns read values through (every stage of a `multiMatch` chain).
