@@ -13,7 +13,7 @@ use super::operator::{self, Cmp, Kind, Operator, Rx};
 use super::prefilter::{self, Prefilter};
 use super::request::{Processor, Var};
 use super::seclang::{self, Directive, RawSelector, RawVariable, SyntaxError};
-use super::transform::Transform;
+use super::transform::{ByteSet, Transform};
 use crate::policy::client_ip::Cidr;
 
 /// The compiled rule files, shared by every route (per-route settings live in `RouteWaf`).
@@ -33,6 +33,9 @@ pub struct Ruleset {
     /// Each chain's prefixes, shortest (the empty chain) first, itself last: the stages a
     /// `multiMatch` link tests.
     pub chain_stages: Vec<Vec<u16>>,
+    /// Each chain's trigger bytes ([`Transform::triggers`] of all its transformations): a
+    /// value holding none of them comes out unchanged. None when one always changes it.
+    pub chain_triggers: Vec<Option<ByteSet>>,
     /// Rules not run, with the reason.
     pub unsupported: Vec<Unsupported>,
     /// Things run differently than ModSecurity would (directives ignored, ...), once each.
@@ -1060,6 +1063,14 @@ impl Builder {
                 stages
             })
             .collect();
+        let chain_triggers = self
+            .chain_list
+            .iter()
+            .map(|c| {
+                c.iter()
+                    .try_fold(ByteSet::default(), |acc, t| Some(acc.union(t.triggers()?)))
+            })
+            .collect();
         Ok(Ruleset {
             score_slot: self.tx.get("anomaly_score").copied(),
             prefilter: prefilter::build(&self.rules, &chain_stages),
@@ -1070,6 +1081,7 @@ impl Builder {
             chains: self.chain_list,
             chain_stages,
             chain_parent: self.chain_parent,
+            chain_triggers,
             unsupported: self.unsupported,
             notes: self.notes,
             files: self.files,

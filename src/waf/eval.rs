@@ -19,7 +19,7 @@ use super::macros::{Expand, Part};
 use super::operator::{atoi, Context};
 use super::prefilter::{self, Source};
 use super::request::{Head, List, Processor, Request, Scalar, Var};
-use super::transform::Transform;
+use super::transform::{ByteSet, Transform};
 
 /// A route's view of the ruleset: what it presets, excludes, and whether it only detects.
 #[derive(Debug, Clone)]
@@ -190,9 +190,13 @@ enum RuleSel {
 
 /// Transformed values by (value id, chain): `UNSET`, `SAME` (the chain changed nothing) or an
 /// index into `arena`. And what the prefilter found: which groups ran, which rules may match.
-struct Cache {
+struct Cache<'r> {
     chains: usize,
+    parents: &'r [(u16, Option<Transform>)],
+    triggers: &'r [Option<ByteSet>],
     idx: Vec<u32>,
+    /// The bytes each value holds, by value id (None until a chain asks).
+    bytes: Vec<Option<ByteSet>>,
     arena: Vec<Vec<u8>>,
     filtered: Vec<bool>,
     may_match: Vec<bool>,
@@ -202,12 +206,15 @@ const UNSET: u32 = u32::MAX;
 const SAME: u32 = u32::MAX - 1;
 const SCALAR_IDS: usize = 16;
 
-impl Cache {
-    fn new(rs: &Ruleset, ids: usize) -> Cache {
+impl<'r> Cache<'r> {
+    fn new(rs: &'r Ruleset, ids: usize) -> Cache<'r> {
         let chains = rs.chains.len();
         Cache {
             chains,
+            parents: &rs.chain_parent,
+            triggers: &rs.chain_triggers,
             idx: vec![UNSET; chains * ids],
+            bytes: vec![None; ids],
             arena: Vec::new(),
             filtered: vec![false; rs.prefilter.groups.len()],
             may_match: vec![false; rs.rules.len()],
@@ -219,20 +226,24 @@ impl Cache {
     fn body_added(&mut self) {
         let n = (SCALAR_IDS * self.chains).min(self.idx.len());
         self.idx[..n].fill(UNSET);
+        let n = SCALAR_IDS.min(self.bytes.len());
+        self.bytes[..n].fill(None);
         self.filtered.fill(false);
         self.may_match.fill(false);
     }
 
     /// Value `id` (`v`) after `chain`, computed from its prefix chain's result.
-    fn get<'v>(
-        &'v mut self,
-        id: u32,
-        chain: u16,
-        v: &'v [u8],
-        parents: &[(u16, Option<Transform>)],
-    ) -> &'v [u8] {
-        let slot = self.slot(id, chain, v, parents);
+    fn get<'v>(&'v mut self, id: u32, chain: u16, v: &'v [u8]) -> &'v [u8] {
+        let slot = self.slot(id, chain, v);
         self.resolve(slot, v)
+    }
+
+    fn bytes(&mut self, id: u32, v: &[u8]) -> &ByteSet {
+        let i = id as usize;
+        if i >= self.bytes.len() {
+            self.bytes.resize(i + 16, None);
+        }
+        self.bytes[i].get_or_insert_with(|| ByteSet::bytes_of(v))
     }
 
     /// The value a slot of [`Cache::slot`] stands for (`v`: the untransformed value).
@@ -243,10 +254,16 @@ impl Cache {
         }
     }
 
-    fn slot(&mut self, id: u32, chain: u16, v: &[u8], parents: &[(u16, Option<Transform>)]) -> u32 {
-        let (parent, Some(last)) = parents[chain as usize] else {
+    fn slot(&mut self, id: u32, chain: u16, v: &[u8]) -> u32 {
+        let (parent, Some(last)) = self.parents[chain as usize] else {
             return SAME;
         };
+        // Most values hold none of the bytes the chain's transformations act on.
+        if let Some(t) = &self.triggers[chain as usize] {
+            if !t.intersects(self.bytes(id, v)) {
+                return SAME;
+            }
+        }
         let k = id as usize * self.chains + chain as usize;
         if k >= self.idx.len() {
             self.idx.resize((id as usize + 16) * self.chains, UNSET);
@@ -254,7 +271,7 @@ impl Cache {
         if self.idx[k] != UNSET {
             return self.idx[k];
         }
-        let base = self.slot(id, parent, v, parents);
+        let base = self.slot(id, parent, v);
         let input: &[u8] = if base == SAME {
             v
         } else {
@@ -519,7 +536,7 @@ impl Txn<'_, '_> {
                             };
                             let mut prev = None;
                             for &c in &rs.chain_stages[link.chain as usize] {
-                                let slot = cache.slot(id, c, value, &rs.chain_parent);
+                                let slot = cache.slot(id, c, value);
                                 let s = cache.resolve(slot, value);
                                 if prev.is_some_and(|p| cache.resolve(p, value) == s) {
                                     continue;
@@ -533,7 +550,7 @@ impl Txn<'_, '_> {
                         }
                         let v: Cow<[u8]> = match id {
                             Some(id) if !ts.is_empty() => {
-                                Cow::Borrowed(cache.get(id, link.chain, value, &rs.chain_parent))
+                                Cow::Borrowed(cache.get(id, link.chain, value))
                             }
                             _ => apply_chain(value, ts),
                         };
@@ -609,7 +626,7 @@ impl Txn<'_, '_> {
         let mut visit = |cache: &mut Cache, name: &[u8], value: &[u8], id: u32| {
             distinct.clear();
             for (k, &c) in m.chains.iter().enumerate() {
-                slots[k] = cache.slot(id, c, value, &rs.chain_parent);
+                slots[k] = cache.slot(id, c, value);
                 let v = cache.resolve(slots[k], value);
                 match distinct
                     .iter_mut()

@@ -72,6 +72,37 @@ impl Transform {
         })
     }
 
+    /// Bytes without which this transformation returns its input unchanged; None for those
+    /// that always change it (`length`, `sha1`, ...). A value holding none of a chain's
+    /// trigger bytes skips the chain (see `Cache::slot`). A superset is safe, a missing byte
+    /// is not: the test `trigger_bytes_are_complete` checks each set against [`Transform::apply`].
+    pub fn triggers(self) -> Option<ByteSet> {
+        use Transform::*;
+        let set = |f: fn(u8) -> bool| Some(ByteSet::of(f));
+        match self {
+            Lowercase => set(|b| b.is_ascii_uppercase()),
+            Uppercase => set(|b| b.is_ascii_lowercase()),
+            UrlDecode | UrlDecodeUni => set(|b| b == b'%' || b == b'+'),
+            HtmlEntityDecode => set(|b| b == b'&'),
+            JsDecode | CssDecode | EscapeSeqDecode => set(|b| b == b'\\'),
+            Utf8ToUnicode => set(|b| b >= 0x80),
+            RemoveNulls | ReplaceNulls => set(|b| b == 0),
+            RemoveWhitespace | CompressWhitespace | Trim | TrimLeft | TrimRight => set(is_space),
+            CmdLine => set(|b| {
+                b.is_ascii_uppercase()
+                    || matches!(
+                        b,
+                        b'"' | b'\'' | b'\\' | b'^' | b',' | b';' | b' ' | b'\t' | b'\r' | b'\n'
+                    )
+            }),
+            ReplaceComments => set(|b| b == b'/' || b == b'*'),
+            RemoveComments => set(|b| matches!(b, b'/' | b'-' | b'#')),
+            NormalizePath => set(|b| b == b'/' || b == b'.'),
+            NormalizePathWin => set(|b| matches!(b, b'/' | b'.' | b'\\')),
+            Length | Sha1 | Md5 | HexEncode | HexDecode | Base64Decode => None,
+        }
+    }
+
     pub fn apply<'a>(self, v: &'a [u8]) -> Cow<'a, [u8]> {
         use Transform::*;
         match self {
@@ -168,6 +199,43 @@ impl Transform {
             TrimRight => trim(v, false, true),
             EscapeSeqDecode => when(v, |b| b == b'\\', escape_seq_decode),
         }
+    }
+}
+
+/// A set of byte values, as four 64-bit words.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ByteSet([u64; 4]);
+
+impl ByteSet {
+    pub fn of(f: fn(u8) -> bool) -> ByteSet {
+        let mut s = ByteSet::default();
+        for b in 0..=255u8 {
+            if f(b) {
+                s.insert(b);
+            }
+        }
+        s
+    }
+
+    /// The bytes `v` holds.
+    pub fn bytes_of(v: &[u8]) -> ByteSet {
+        let mut s = ByteSet::default();
+        for &b in v {
+            s.insert(b);
+        }
+        s
+    }
+
+    pub fn insert(&mut self, b: u8) {
+        self.0[(b >> 6) as usize] |= 1 << (b & 63);
+    }
+
+    pub fn union(self, o: ByteSet) -> ByteSet {
+        ByteSet(std::array::from_fn(|i| self.0[i] | o.0[i]))
+    }
+
+    pub fn intersects(&self, o: &ByteSet) -> bool {
+        (0..4).any(|i| self.0[i] & o.0[i] != 0)
     }
 }
 
@@ -648,6 +716,77 @@ mod tests {
         // And it does take the common values.
         assert!(!cmd_line_changes(b"shoes") && !cmd_line_changes(b"x y/z"));
         assert!(path_is_normal(b"/a/b/", false) && path_is_normal(b"text/html", true));
+    }
+
+    #[test]
+    fn trigger_bytes_are_complete() {
+        use Transform::*;
+        let all = [
+            Lowercase,
+            Uppercase,
+            UrlDecode,
+            UrlDecodeUni,
+            HtmlEntityDecode,
+            JsDecode,
+            CssDecode,
+            Utf8ToUnicode,
+            RemoveNulls,
+            ReplaceNulls,
+            RemoveWhitespace,
+            CompressWhitespace,
+            CmdLine,
+            ReplaceComments,
+            RemoveComments,
+            NormalizePath,
+            NormalizePathWin,
+            Length,
+            Sha1,
+            Md5,
+            HexEncode,
+            HexDecode,
+            Base64Decode,
+            Trim,
+            TrimLeft,
+            TrimRight,
+            EscapeSeqDecode,
+        ];
+        // xorshift: the same strings every run.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        // The bytes the transformations care about are drawn more often than the rest.
+        let pool = b"%+&\\/*.-#<>!;,'\"^ \t\r\n\0uUxX0123456789aAfFzZ\xa0\xc3\xa9\xff";
+        for tr in all {
+            let Some(triggers) = tr.triggers() else {
+                continue;
+            };
+            let mut tried = 0;
+            for _ in 0..300_000 {
+                if tried == 3000 {
+                    break;
+                }
+                let len = (next() % 14) as usize;
+                let v: Vec<u8> = (0..len)
+                    .map(|_| match next() % 3 {
+                        0 => (next() % 256) as u8,
+                        _ => pool[(next() % pool.len() as u64) as usize],
+                    })
+                    .collect();
+                if ByteSet::bytes_of(&v).intersects(&triggers) {
+                    continue;
+                }
+                tried += 1;
+                assert_eq!(tr.apply(&v).as_ref(), v.as_slice(), "{tr:?} changed {v:?}");
+            }
+            assert_eq!(
+                tried, 3000,
+                "{tr:?}: too few strings without its trigger bytes"
+            );
+        }
     }
 
     fn t(tr: Transform, s: &str) -> String {
