@@ -138,6 +138,9 @@ pub enum Selector {
     Key(Vec<u8>),
     Regex(regex::bytes::Regex),
     TxSlot(u16),
+    /// `TX:/regex/`, with the slots whose names it matches (names made by macros at run time
+    /// are tested one by one).
+    TxRegex(regex::bytes::Regex, Vec<u16>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1063,6 +1066,19 @@ impl Builder {
                 stages
             })
             .collect();
+        for t in self
+            .rules
+            .iter_mut()
+            .flat_map(|r| r.links.iter_mut())
+            .flat_map(|l| l.targets.iter_mut())
+        {
+            if let (Var::Tx, Selector::Regex(r)) = (t.var, &t.sel) {
+                let slots = (0..self.tx_names.len() as u16)
+                    .filter(|&s| r.is_match(self.tx_names[s as usize].as_bytes()))
+                    .collect();
+                t.sel = Selector::TxRegex(r.clone(), slots);
+            }
+        }
         let chain_triggers = self
             .chain_list
             .iter()

@@ -398,7 +398,7 @@ impl Txn<'_, '_> {
         match &t.sel {
             Selector::All => true,
             Selector::Key(k) => key.eq_ignore_ascii_case(k),
-            Selector::Regex(r) => r.is_match(key),
+            Selector::Regex(r) | Selector::TxRegex(r, _) => r.is_match(key),
             Selector::TxSlot(s) => key.eq_ignore_ascii_case(self.tx_name(*s)),
         }
     }
@@ -451,10 +451,22 @@ impl Txn<'_, '_> {
             }
         }
         match var {
-            Var::Tx => match t.sel {
-                Selector::TxSlot(s) => {
+            Var::Tx => match &t.sel {
+                &Selector::TxSlot(s) => {
                     if let Some(v) = &self.tx[s as usize] {
                         f(var, self.tx_name(s), v, None);
+                    }
+                }
+                Selector::TxRegex(r, slots) => {
+                    for &s in slots {
+                        if let Some(v) = &self.tx[s as usize] {
+                            f(var, self.tx_name(s), v, None);
+                        }
+                    }
+                    for (n, v) in &self.tx_extra {
+                        if r.is_match(n) {
+                            f(var, n, v, None);
+                        }
                     }
                 }
                 _ => {

@@ -104,6 +104,15 @@ impl Rx {
     /// Groups 0..=9 of the first match. Most values do not match: the cheap test goes first.
     pub fn captures(&self, v: &[u8], out: &mut Vec<Vec<u8>>) -> bool {
         out.clear();
+        if let Rx::Bytes(r) = self {
+            // Only group 0 (CRS's `^.*$` captures): the DFA finds it, no capture engine needed.
+            if r.captures_len() == 1 {
+                return r.find(v).is_some_and(|m| {
+                    out.push(m.as_bytes().to_vec());
+                    true
+                });
+            }
+        }
         if !self.is_match(v) {
             return false;
         }
