@@ -637,7 +637,16 @@ impl Txn<'_, '_> {
         let mut distinct: Vec<(u32, u64)> = Vec::with_capacity(8);
         let mut visit = |cache: &mut Cache, name: &[u8], value: &[u8], id: u32| {
             distinct.clear();
+            // The value itself first: most chains leave it alone, known from its bytes alone.
+            distinct.push((SAME, 0));
+            let bytes = *cache.bytes(id, value);
             for (k, &c) in m.chains.iter().enumerate() {
+                if let Some(t) = &rs.chain_triggers[c as usize] {
+                    if !t.intersects(&bytes) {
+                        distinct[0].1 |= 1 << k;
+                        continue;
+                    }
+                }
                 slots[k] = cache.slot(id, c, value);
                 let v = cache.resolve(slots[k], value);
                 match distinct
@@ -649,6 +658,9 @@ impl Txn<'_, '_> {
                 }
             }
             for &(slot, mask) in &distinct {
+                if mask == 0 {
+                    continue;
+                }
                 let v = cache.resolve(slot, value);
                 // Most values match nothing: the cheaper test first.
                 if !m.set.is_match(v) {
