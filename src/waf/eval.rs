@@ -632,13 +632,13 @@ impl Txn<'_, '_> {
         let rs = self.rs;
         let group = &rs.prefilter.groups[g];
         let m = &*group.matcher;
-        let mut slots = [0u32; 64];
-        // Distinct values: (slot, the chains that produce it).
-        let mut distinct: Vec<(u32, u64)> = Vec::with_capacity(8);
+        // Distinct values: (slot, the chains that produce it); the value itself, then at
+        // most one per chain.
+        let mut distinct = [(SAME, 0u64); 65];
         let mut visit = |cache: &mut Cache, name: &[u8], value: &[u8], id: u32| {
-            distinct.clear();
-            // The value itself first: most chains leave it alone, known from its bytes alone.
-            distinct.push((SAME, 0));
+            // Most chains leave the value alone, known from its bytes alone.
+            distinct[0] = (SAME, 0);
+            let mut n = 1;
             let bytes = *cache.bytes(id, value);
             for (k, &c) in m.chains.iter().enumerate() {
                 if let Some(t) = &rs.chain_triggers[c as usize] {
@@ -647,17 +647,20 @@ impl Txn<'_, '_> {
                         continue;
                     }
                 }
-                slots[k] = cache.slot(id, c, value);
-                let v = cache.resolve(slots[k], value);
-                match distinct
+                let slot = cache.slot(id, c, value);
+                let v = cache.resolve(slot, value);
+                match distinct[..n]
                     .iter_mut()
-                    .find(|(s, _)| *s == slots[k] || cache.resolve(*s, value) == v)
+                    .find(|(s, _)| *s == slot || cache.resolve(*s, value) == v)
                 {
                     Some((_, mask)) => *mask |= 1 << k,
-                    None => distinct.push((slots[k], 1 << k)),
+                    None => {
+                        distinct[n] = (slot, 1 << k);
+                        n += 1;
+                    }
                 }
             }
-            for &(slot, mask) in &distinct {
+            for &(slot, mask) in &distinct[..n] {
                 if mask == 0 {
                     continue;
                 }
@@ -785,7 +788,8 @@ impl Txn<'_, '_> {
         match name {
             TxName::Slot(s) => self.tx[*s as usize].as_deref().map(<[u8]>::to_vec),
             TxName::Dynamic(e) => {
-                let n = self.expand(e).to_ascii_lowercase();
+                let mut n = self.expand(e).into_owned();
+                n.make_ascii_lowercase();
                 match self.rs.slot(&n) {
                     Some(s) => self.tx[s].as_deref().map(<[u8]>::to_vec),
                     None => self
@@ -802,7 +806,8 @@ impl Txn<'_, '_> {
         match name {
             TxName::Slot(s) => self.tx[*s as usize] = v.map(Cow::Owned),
             TxName::Dynamic(e) => {
-                let n = self.expand(e).to_ascii_lowercase();
+                let mut n = self.expand(e).into_owned();
+                n.make_ascii_lowercase();
                 if let Some(s) = self.rs.slot(&n) {
                     self.tx[s] = v.map(Cow::Owned);
                     return;
@@ -885,7 +890,8 @@ impl Context for Txn<'_, '_> {
         if let [Part::Tx(s)] = e.parts.as_slice() {
             return Cow::Borrowed(self.tx[*s as usize].as_deref().unwrap_or(b""));
         }
-        let mut out = Vec::new();
+        // One allocation for CRS's names and messages (`header_name_920450_%{tx.0}`).
+        let mut out = Vec::with_capacity(64);
         for p in &e.parts {
             match p {
                 Part::Lit(l) => out.extend_from_slice(l),
