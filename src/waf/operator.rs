@@ -255,11 +255,12 @@ impl Kind {
                 // What `libinjectionrs::detect_sqli` does, without its second tokenizing pass
                 // for the fingerprint, which only a match needs.
                 use libinjectionrs::{SqliFlags, SqliState};
-                if !may_be_sqli(v) {
+                if !may_be_sqli(v) || benign::known(benign::SQLI, v) {
                     return false;
                 }
                 let mut state = SqliState::new(v, SqliFlags::FLAG_NONE);
                 if !state.detect() {
+                    benign::remember(benign::SQLI, v);
                     return false;
                 }
                 if let Some(c) = caps {
@@ -269,7 +270,14 @@ impl Kind {
                 true
             }
             Kind::DetectXss => {
-                may_be_xss(v) && libinjectionrs::detect_xss(v).is_injection() && one(caps, v)
+                if !may_be_xss(v) || benign::known(benign::XSS, v) {
+                    return false;
+                }
+                if !libinjectionrs::detect_xss(v).is_injection() {
+                    benign::remember(benign::XSS, v);
+                    return false;
+                }
+                one(caps, v)
             }
             Kind::IpMatch(list) => std::str::from_utf8(v)
                 .ok()
@@ -320,6 +328,44 @@ fn contains_word(v: &[u8], w: &[u8]) -> bool {
 }
 
 /// True when a `%` is not followed by two hex digits.
+/// Long values libinjection found benign, per thread: a browser's User-Agent comes back on
+/// every request and takes its SQLi tokenizer ~18k instructions. The verdict depends on the
+/// value alone, so a remembered one is exact; only benign verdicts are kept (a match must
+/// run the detector for its fingerprint). Direct-mapped, so bounded: 256 values of 24 to
+/// 512 bytes per detector, a newer value replacing an older one in its slot.
+mod benign {
+    use std::cell::RefCell;
+
+    pub const SQLI: usize = 0;
+    pub const XSS: usize = 1;
+    const SLOTS: usize = 256;
+
+    thread_local! {
+        static SEEN: RefCell<Vec<Option<Box<[u8]>>>> = RefCell::new(vec![None; 2 * SLOTS]);
+    }
+
+    fn slot(detector: usize, v: &[u8]) -> Option<usize> {
+        if !(24..=512).contains(&v.len()) {
+            return None;
+        }
+        // FNV-1a: a collision only costs a miss, the whole value is compared.
+        let h = v.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
+        Some(detector * SLOTS + (h as usize % SLOTS))
+    }
+
+    pub fn known(detector: usize, v: &[u8]) -> bool {
+        slot(detector, v).is_some_and(|i| SEEN.with(|s| s.borrow()[i].as_deref() == Some(v)))
+    }
+
+    pub fn remember(detector: usize, v: &[u8]) {
+        if let Some(i) = slot(detector, v) {
+            SEEN.with(|s| s.borrow_mut()[i] = Some(v.into()));
+        }
+    }
+}
+
 /// False when libinjection's XSS detector cannot flag `v`, which is most values: without `<`
 /// it sees no tag, comment or doctype, and without `=` no attribute value but the one its
 /// quoted contexts start in, which follows no attribute name. Its five tokenizing passes
@@ -665,6 +711,28 @@ mod tests {
         assert!(
             skipped > 5_000 && flagged > 1_000,
             "{skipped} skipped, {flagged} flagged"
+        );
+    }
+
+    #[test]
+    fn remembered_verdicts_are_for_that_value_and_detector_only() {
+        let ua = b"Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0";
+        let other = b"Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.1";
+        assert!(!benign::known(benign::SQLI, ua));
+        benign::remember(benign::SQLI, ua);
+        assert!(benign::known(benign::SQLI, ua));
+        assert!(
+            !benign::known(benign::SQLI, other),
+            "same length, one byte apart"
+        );
+        assert!(
+            !benign::known(benign::XSS, ua),
+            "each detector keeps its own"
+        );
+        benign::remember(benign::SQLI, b"short");
+        assert!(
+            !benign::known(benign::SQLI, b"short"),
+            "short values are not kept"
         );
     }
 
