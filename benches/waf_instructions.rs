@@ -9,7 +9,9 @@
 //!     --toggle-collect='tollgate::waf::eval::inspect' target/release/deps/waf_instructions-* $n 1
 //! done   # instructions per request = (Collected at 600 − at 100) / 500
 //! ```
-//! Arguments: requests (default 10 000), paranoia level (default 1). Prints µs per request.
+//! Arguments: requests (default 10 000), paranoia level (default 1), and `fresh` for a new
+//! User-Agent on every request (nothing remembered from one request to the next). Prints µs
+//! per request.
 
 #[path = "support/waf.rs"]
 mod support;
@@ -20,19 +22,26 @@ fn main() {
     let mut args = std::env::args().skip(1).filter(|a| !a.starts_with('-'));
     let n: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(10_000);
     let paranoia: u8 = args.next().and_then(|s| s.parse().ok()).unwrap_or(1);
+    // `fresh`: a User-Agent never seen before on every request, so no verdict is remembered.
+    let fresh = args.next().as_deref() == Some("fresh");
     let (w, route) = support::crs(paranoia);
-    let headers = support::headers(&[]);
-    let head = Head {
-        method: "GET",
-        target: "/search?q=shoes&page=2&sort=price",
-        protocol: "HTTP/1.1",
-        headers: &headers,
-        authority: None,
-        remote_addr: "203.0.113.7",
-        unique_id: "bench",
-    };
+    let mut headers = support::headers(&[]);
     let start = std::time::Instant::now();
-    for _ in 0..n {
+    for i in 0..n {
+        if fresh {
+            let ua =
+                format!("Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/{i}");
+            headers.insert("user-agent", ua.parse().unwrap());
+        }
+        let head = Head {
+            method: "GET",
+            target: "/search?q=shoes&page=2&sort=price",
+            protocol: "HTTP/1.1",
+            headers: &headers,
+            authority: None,
+            remote_addr: "203.0.113.7",
+            unique_id: "bench",
+        };
         let out = w.inspect(&route, std::hint::black_box(&head), None);
         assert_eq!(out.blocked_by, None, "{:?}", out.findings);
     }
