@@ -613,13 +613,7 @@ mod tests {
             "a",
             "1",
         ];
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::waf::tests::xorshift(0x2545_f491_4f6c_dd1du64);
         let (mut skipped, mut flagged) = (0, 0);
         for _ in 0..40_000 {
             let n = 1 + next() % 8;
@@ -684,19 +678,13 @@ mod tests {
             " ", " ", " ", " ", "'", "\"", "(", ")", "--", "/*", "*/", "#", ",", "=", ";", "@",
             "-", "+", ".",
         ];
-        let mut seed = 0x1234_5678_9abc_def1u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = crate::waf::tests::xorshift(0x1234_5678_9abc_def1u64);
         let (mut skipped, mut flagged) = (0, 0);
         for _ in 0..40_000 {
             // Words joined by marks (a space most often) or by nothing.
             let mut v = String::new();
             for k in 0..1 + next() % 6 {
-                if k > 0 && next() % 4 != 0 {
+                if k > 0 && !next().is_multiple_of(4) {
                     v.push_str(marks[(next() % marks.len() as u64) as usize]);
                 }
                 v.push_str(words[(next() % words.len() as u64) as usize]);

@@ -205,3 +205,13 @@ fn shortcuts_change_no_verdict_on_the_corpus() {
         }
     }
 }
+
+/// A xorshift generator: the generated-string tests see the same strings every run.
+pub(crate) fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}

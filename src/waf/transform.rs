@@ -750,14 +750,8 @@ mod tests {
             TrimRight,
             EscapeSeqDecode,
         ];
-        // xorshift: the same strings every run.
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        // The same strings every run.
+        let mut next = crate::waf::tests::xorshift(0x9e37_79b9_7f4a_7c15u64);
         // The bytes the transformations care about are drawn more often than the rest.
         let pool = b"%+&\\/*.-#<>!;,'\"^ \t\r\n\0uUxX0123456789aAfFzZ\xa0\xc3\xa9\xff";
         for tr in all {
