@@ -327,7 +327,6 @@ fn contains_word(v: &[u8], w: &[u8]) -> bool {
         .any(|at| !word(at.checked_sub(1).and_then(|p| v.get(p))) && !word(v.get(at + w.len())))
 }
 
-/// True when a `%` is not followed by two hex digits.
 /// Long values libinjection found benign, per thread: a browser's User-Agent comes back on
 /// every request and takes its SQLi tokenizer ~18k instructions. The verdict depends on the
 /// value alone, so a remembered one is exact; only benign verdicts are kept (a match must
@@ -382,6 +381,7 @@ fn may_be_sqli(v: &[u8]) -> bool {
     !v.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
+/// True when a `%` is not followed by two hex digits.
 fn invalid_url_encoding(v: &[u8]) -> bool {
     let mut i = 0;
     while let Some(p) = memchr::memchr(b'%', &v[i..]) {
