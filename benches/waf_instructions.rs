@@ -10,7 +10,7 @@
 //! done   # instructions per request = (Collected at 600 − at 100) / 500
 //! ```
 //! Arguments: requests (default 10 000), paranoia level (default 1), and `fresh` for a new
-//! User-Agent on every request (nothing remembered from one request to the next). Prints µs
+//! User-Agent on every request (its verdicts never remembered; the other headers' are). Prints µs
 //! per request.
 
 #[path = "support/waf.rs"]
@@ -22,7 +22,7 @@ fn main() {
     let mut args = std::env::args().skip(1).filter(|a| !a.starts_with('-'));
     let n: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(10_000);
     let paranoia: u8 = args.next().and_then(|s| s.parse().ok()).unwrap_or(1);
-    // `fresh`: a User-Agent never seen before on every request, so no verdict is remembered.
+    // `fresh`: a User-Agent never seen before on every request, so none of its verdicts is remembered.
     let fresh = args.next().as_deref() == Some("fresh");
     let (w, route) = support::crs(paranoia);
     let mut headers = support::headers(&[]);

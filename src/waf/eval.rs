@@ -16,6 +16,7 @@ use super::compile::{
     Assign, Ctl, Disruptive, Effect, EngineCtl, Link, Rule, Ruleset, Selector, Step, Target, TxName,
 };
 use super::macros::{Expand, Part};
+use super::memo;
 use super::operator::{atoi, Context};
 use super::prefilter::{self, Source};
 use super::request::{Head, List, Processor, Request, Scalar, Var};
@@ -635,7 +636,13 @@ impl Txn<'_, '_> {
         // Distinct values: (slot, the chains that produce it); the value itself, then at
         // most one per chain.
         let mut distinct = [(SAME, 0u64); 65];
+        let remembers = group.source.repeats();
         let mut visit = |cache: &mut Cache, name: &[u8], value: &[u8], id: u32| {
+            let remember = remembers && memo::keeps(value);
+            if remember && memo::known(m.memo, value) {
+                return;
+            }
+            let mut found = false;
             // Most chains leave the value alone, known from its bytes alone.
             distinct[0] = (SAME, 0);
             let mut n = 1;
@@ -669,6 +676,7 @@ impl Txn<'_, '_> {
                 if !m.set.is_match(v) {
                     continue;
                 }
+                found = true;
                 for i in m.set.matches(v).iter() {
                     let (ri, chains) = m.patterns[i];
                     // As in `for_each`, which reads a single variable whatever its key.
@@ -683,6 +691,9 @@ impl Txn<'_, '_> {
                         cache.may_match[ri as usize] = true;
                     }
                 }
+            }
+            if remember && !found {
+                memo::remember(m.memo, value);
             }
         };
         match &group.source {

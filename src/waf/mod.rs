@@ -16,6 +16,7 @@
 pub mod compile;
 pub mod eval;
 pub mod macros;
+pub mod memo;
 pub mod operator;
 pub mod prefilter;
 pub mod request;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 
 use super::macros::Expand;
+use super::memo;
 use crate::policy::client_ip::Cidr;
 
 /// A compiled operator and whether it is negated (`!@rx`).
@@ -255,12 +256,12 @@ impl Kind {
                 // What `libinjectionrs::detect_sqli` does, without its second tokenizing pass
                 // for the fingerprint, which only a match needs.
                 use libinjectionrs::{SqliFlags, SqliState};
-                if !may_be_sqli(v) || benign::known(benign::SQLI, v) {
+                if !may_be_sqli(v) || memo::known(memo::SQLI, v) {
                     return false;
                 }
                 let mut state = SqliState::new(v, SqliFlags::FLAG_NONE);
                 if !state.detect() {
-                    benign::remember(benign::SQLI, v);
+                    memo::remember(memo::SQLI, v);
                     return false;
                 }
                 if let Some(c) = caps {
@@ -270,11 +271,11 @@ impl Kind {
                 true
             }
             Kind::DetectXss => {
-                if !may_be_xss(v) || benign::known(benign::XSS, v) {
+                if !may_be_xss(v) || memo::known(memo::XSS, v) {
                     return false;
                 }
                 if !libinjectionrs::detect_xss(v).is_injection() {
-                    benign::remember(benign::XSS, v);
+                    memo::remember(memo::XSS, v);
                     return false;
                 }
                 one(caps, v)
@@ -325,44 +326,6 @@ fn contains_word(v: &[u8], w: &[u8]) -> bool {
     let word = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_');
     memchr::memmem::find_iter(v, w)
         .any(|at| !word(at.checked_sub(1).and_then(|p| v.get(p))) && !word(v.get(at + w.len())))
-}
-
-/// Long values libinjection found benign, per thread: a browser's User-Agent comes back on
-/// every request and takes its SQLi tokenizer ~18k instructions. The verdict depends on the
-/// value alone, so a remembered one is exact; only benign verdicts are kept (a match must
-/// run the detector for its fingerprint). Direct-mapped, so bounded: 256 values of 24 to
-/// 512 bytes per detector, a newer value replacing an older one in its slot.
-mod benign {
-    use std::cell::RefCell;
-
-    pub const SQLI: usize = 0;
-    pub const XSS: usize = 1;
-    const SLOTS: usize = 256;
-
-    thread_local! {
-        static SEEN: RefCell<Vec<Option<Box<[u8]>>>> = RefCell::new(vec![None; 2 * SLOTS]);
-    }
-
-    fn slot(detector: usize, v: &[u8]) -> Option<usize> {
-        if !(24..=512).contains(&v.len()) {
-            return None;
-        }
-        // FNV-1a: a collision only costs a miss, the whole value is compared.
-        let h = v.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-        });
-        Some(detector * SLOTS + (h as usize % SLOTS))
-    }
-
-    pub fn known(detector: usize, v: &[u8]) -> bool {
-        slot(detector, v).is_some_and(|i| SEEN.with(|s| s.borrow()[i].as_deref() == Some(v)))
-    }
-
-    pub fn remember(detector: usize, v: &[u8]) {
-        if let Some(i) = slot(detector, v) {
-            SEEN.with(|s| s.borrow_mut()[i] = Some(v.into()));
-        }
-    }
 }
 
 /// False when libinjection's XSS detector cannot flag `v`, which is most values: without `<`
@@ -699,28 +662,6 @@ mod tests {
         assert!(
             skipped > 5_000 && flagged > 1_000,
             "{skipped} skipped, {flagged} flagged"
-        );
-    }
-
-    #[test]
-    fn remembered_verdicts_are_for_that_value_and_detector_only() {
-        let ua = b"Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0";
-        let other = b"Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.1";
-        assert!(!benign::known(benign::SQLI, ua));
-        benign::remember(benign::SQLI, ua);
-        assert!(benign::known(benign::SQLI, ua));
-        assert!(
-            !benign::known(benign::SQLI, other),
-            "same length, one byte apart"
-        );
-        assert!(
-            !benign::known(benign::XSS, ua),
-            "each detector keeps its own"
-        );
-        benign::remember(benign::SQLI, b"short");
-        assert!(
-            !benign::known(benign::SQLI, b"short"),
-            "short values are not kept"
         );
     }
 

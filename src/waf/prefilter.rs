@@ -42,6 +42,18 @@ pub enum Source {
     Scalar(Scalar),
 }
 
+impl Source {
+    /// Whether a client sends the same values on every request (headers, cookies): what the
+    /// set found in them is worth remembering (see [`super::memo`]).
+    pub fn repeats(&self) -> bool {
+        matches!(
+            self,
+            Source::List(List::Headers | List::Cookies, false)
+                | Source::Key(List::Headers | List::Cookies, _)
+        )
+    }
+}
+
 /// What a target reads (`ARGS` reads query and body arguments).
 pub fn sources(t: &Target) -> impl Iterator<Item = Source> + '_ {
     let lists = match t.var {
@@ -70,6 +82,8 @@ pub struct Group {
 /// One set and what its patterns stand for; sources read by mostly the same rules share one.
 #[derive(Debug)]
 pub struct Matcher {
+    /// Its own in the memo of values that matched nothing.
+    pub memo: u64,
     /// The chains the patterns read values through (every stage of a `multiMatch` chain).
     pub chains: Vec<u16>,
     pub set: RegexSet,
@@ -249,6 +263,7 @@ pub fn build(rules: &[Rule], chain_stages: &[Vec<u16>]) -> Prefilter {
             (cand.rule, mask)
         });
         let matcher = Arc::new(Matcher {
+            memo: super::memo::domain(),
             patterns: patterns.collect(),
             chains: c.chains,
             set,

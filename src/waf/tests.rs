@@ -112,16 +112,7 @@ fn captures_come_from_the_value_that_matched_not_the_last_one_tried() {
          SecRule TX:host \"@streq cdn.example.com\" \"id:2,phase:2,deny,log\"\n",
     )
     .unwrap();
-    let r = RouteWaf {
-        detect_only: false,
-        start: eval::Start {
-            tx: vec![None; rs.tx_names.len()],
-            step: 0,
-            fixed: Vec::new(),
-        },
-        removed: vec![false; rs.rules.len()],
-        target_excludes: vec![Vec::new(); rs.rules.len()],
-    };
+    let r = blocking(&rs);
     let h = http::HeaderMap::new();
     let head = Head {
         method: "GET",
@@ -135,8 +126,58 @@ fn captures_come_from_the_value_that_matched_not_the_last_one_tried() {
     assert_eq!(eval::inspect(&rs, &r, &head, None).blocked_by, Some(2));
 }
 
-/// The prefilter and the per-route fixed outcomes are shortcuts: with them or without them,
-/// every request of the corpus (attacks, benign, CRS's own false positives) must give the
+/// A blocking route on `rs` with nothing removed, for rules loaded from text.
+fn blocking(rs: &Ruleset) -> RouteWaf {
+    RouteWaf {
+        detect_only: false,
+        start: eval::Start {
+            tx: vec![None; rs.tx_names.len()],
+            step: 0,
+            fixed: Vec::new(),
+        },
+        removed: vec![false; rs.rules.len()],
+        target_excludes: vec![Vec::new(); rs.rules.len()],
+    }
+}
+
+/// A header value the prefilter found clean is remembered for the set that found it clean
+/// only: after a reload, the new rules judge the same value again.
+#[test]
+fn a_header_remembered_as_clean_is_judged_again_by_new_rules() {
+    let ua = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0";
+    let load = |rx: &str| {
+        let text = format!("SecRule REQUEST_HEADERS \"@rx {rx}\" \"id:1,phase:1,deny,log\"\n");
+        let rs = compile::load_text("t.conf", &text).unwrap();
+        assert!(rs.prefilter.of_rule[0].is_some(), "{rx} is prefiltered");
+        rs
+    };
+    let (old, new) = (load("sqlmap"), load("Firefox/[0-9]+"));
+    let mut h = http::HeaderMap::new();
+    h.insert("user-agent", ua.parse().unwrap());
+    let head = Head {
+        method: "GET",
+        target: "/",
+        protocol: "HTTP/1.1",
+        headers: &h,
+        authority: None,
+        remote_addr: "192.0.2.1",
+        unique_id: "t",
+    };
+    let set = old.prefilter.groups[0].matcher.memo;
+    assert!(!memo::known(set, ua.as_bytes()));
+    for _ in 0..2 {
+        assert_eq!(
+            eval::inspect(&old, &blocking(&old), &head, None).blocked_by,
+            None
+        );
+    }
+    assert!(memo::known(set, ua.as_bytes()), "the clean verdict is kept");
+    let r = blocking(&new);
+    assert_eq!(eval::inspect(&new, &r, &head, None).blocked_by, Some(1));
+}
+
+/// The prefilter (with its memo) and the per-route fixed outcomes are shortcuts: with them or
+/// without them, every request of the corpus (attacks, benign, CRS's own false positives) must give the
 /// same findings, score and verdict, at paranoia 1 and 2.
 #[test]
 fn shortcuts_change_no_verdict_on_the_corpus() {
@@ -199,6 +240,12 @@ fn shortcuts_change_no_verdict_on_the_corpus() {
             let a = eval::inspect(&rs, &fast, &head, body.as_deref());
             let b = eval::inspect(&plain, &slow, &head, body.as_deref());
             let id = c["id"].as_str().unwrap();
+            // Again: now the header values found clean come from the memo.
+            let again = eval::inspect(&rs, &fast, &head, body.as_deref());
+            assert_eq!(
+                again.findings, a.findings,
+                "{id} at PL{paranoia}, remembered"
+            );
             assert_eq!(a.blocked_by, b.blocked_by, "{id} at PL{paranoia}");
             assert_eq!(a.score, b.score, "{id} at PL{paranoia}");
             assert_eq!(a.findings, b.findings, "{id} at PL{paranoia}");
