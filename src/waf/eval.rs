@@ -638,8 +638,7 @@ impl Txn<'_, '_> {
         let mut distinct = [(SAME, 0u64); 65];
         let remembers = group.source.repeats();
         let mut visit = |cache: &mut Cache, name: &[u8], value: &[u8], id: u32| {
-            let remember = remembers && memo::keeps(value);
-            if remember && memo::known(m.memo, value) {
+            if remembers && memo::known(m.memo, value) {
                 return;
             }
             let mut found = false;
@@ -692,7 +691,7 @@ impl Txn<'_, '_> {
                     }
                 }
             }
-            if remember && !found {
+            if remembers && !found {
                 memo::remember(m.memo, value);
             }
         };

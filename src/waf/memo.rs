@@ -37,13 +37,10 @@ pub fn domain() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Whether values this long are remembered at all; shorter ones cost little to judge again.
-pub fn keeps(v: &[u8]) -> bool {
-    (MIN_LEN..=MAX_LEN).contains(&v.len())
-}
-
+/// The slot of `v`, when values this long are remembered at all (shorter ones cost little
+/// to judge again).
 fn slot(domain: u64, v: &[u8]) -> Option<usize> {
-    if !keeps(v) {
+    if !(MIN_LEN..=MAX_LEN).contains(&v.len()) {
         return None;
     }
     let mut h = rustc_hash::FxHasher::default();
